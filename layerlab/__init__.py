@@ -1,0 +1,1 @@
+"""layerlab: layer-wise analysis of adversarial training."""

@@ -1,0 +1,152 @@
+"""Run directories and checkpoints: the single place files of a run are written and read.
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``summary.json`` and
+``checkpoints/{last,best}.pt``. Checkpoints are plain dicts of tensors and JSON-able metadata,
+loadable with ``torch.load(..., weights_only=True)``, and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerlab.config import dumps
+
+CHECKPOINT_KEYS = ("model", "meta")
+
+
+class RunDirExistsError(FileExistsError):
+    """A run directory already holds results and neither --resume nor --overwrite was given."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable layerlab checkpoint."""
+
+
+def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``out`` for a new run; refuse to touch an existing run unless told to resume or overwrite."""
+    path = Path(out)
+    if path.exists() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirExistsError(
+                f"run directory {path} already exists; pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            )
+        shutil.rmtree(path)
+    if resume and not (path / "checkpoints" / "last.pt").exists():
+        raise CheckpointError(f"cannot resume: {path / 'checkpoints' / 'last.pt'} does not exist")
+    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as readable JSON."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(dumps(obj) + "\n"))
+
+
+def dumps_line(obj: dict[str, Any]) -> str:
+    """One JSON object as one line of a JSON-lines file."""
+    return json.dumps(obj, sort_keys=True, default=str) + "\n"
+
+
+def append_jsonl(path: str | os.PathLike, obj: dict[str, Any]) -> None:
+    """Append one JSON object as a line."""
+    with open(path, "a") as fh:
+        fh.write(dumps_line(obj))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All objects of a JSON-lines file (empty list when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
+    """Atomically save the model's state_dict, JSON-able ``meta`` and any ``extra`` tensor dicts."""
+    json.dumps(meta)  # fail early on metadata that is not JSON-able
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta, **extra}
+    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only) and check it is one of ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle, not a torch file...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                              f"point to checkpoints/last.pt or best.pt of a layerlab run") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a layerlab checkpoint (needs keys {list(CHECKPOINT_KEYS)}); "
+                              f"point to checkpoints/last.pt or best.pt of a layerlab run")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], source: str = "checkpoint") -> None:
+    """Load ``state['model']`` into ``model`` with a clear message when the architectures differ."""
+    meta = state.get("meta", {})
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise CheckpointError(
+            f"{source} holds a {meta.get('model', '?')} (width {meta.get('width', '?')}, "
+            f"{meta.get('num_classes', '?')} classes) that does not fit the requested "
+            f"{getattr(model, 'arch', type(model).__name__)} (width {getattr(model, 'width', '?')}, "
+            f"{getattr(model, 'num_classes', '?')} classes); pass matching --model/--width/--dataset"
+        ) from None
+
+
+def environment() -> dict[str, Any]:
+    """Git commit, package versions and machine: enough to say what produced a run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=Path(__file__).parent,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    import numpy
+    import torchvision
+
+    import layerlab
+
+    return {
+        "git_commit": commit, "git_dirty": dirty, "layerlab": getattr(layerlab, "__version__", None),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file."""
+    return json.loads(Path(path).read_text())

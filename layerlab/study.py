@@ -1,0 +1,101 @@
+"""CURE's layer-wise freeze/update study (Section 3, Fig. 2b; Appendix G, Fig. 11) as one resumable job.
+
+The study directory holds one run directory per model (``ST/``, ``AT/``, ``U-23/``, ...) and
+``study.csv``. Finished runs are re-used, interrupted ones resumed, so the job can be
+stopped and restarted at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from layerlab import runs
+from layerlab.config import TrainConfig
+from layerlab.data import load_splits
+from layerlab.layerwise import parse_specs
+from layerlab.models import build_model, num_blocks
+from layerlab.train import resolve_device, train
+
+STUDY_COLUMNS = ("run", "spec", "method", "reinit", "natural_acc", "robust_acc", "nrr", "trainable_params",
+                 "trainable", "best_epoch", "seconds", "dir")
+
+
+def spec_run_name(spec: str, reinit: bool) -> str:
+    """Directory name of a U-spec run: ``U-23`` (re-initialized) or ``U-23-noreinit`` (fine-tuned)."""
+    return f"U-{spec}" + ("" if reinit else "-noreinit")
+
+
+def _changed(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Config fields whose saved value differs from the requested one."""
+    want = cfg.to_dict()
+    return [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in want.items() if saved.get(k) != v]
+
+
+def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: bool, splits=None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``, re-use it when finished with the same config, resume it when interrupted."""
+    config_path = run_dir / "config.json"
+    if config_path.exists() and not overwrite:
+        diff = _changed(runs.read_json(config_path)["config"], cfg)
+        if diff:
+            raise FileExistsError(f"{run_dir} was trained with other settings ({'; '.join(diff[:3])}); "
+                                  f"pass --overwrite or choose another --out")
+        if (run_dir / "summary.json").exists():
+            return runs.read_json(run_dir / "summary.json")
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            return train(cfg, run_dir, resume=True, progress=progress, splits=splits)
+    return train(cfg, run_dir, overwrite=overwrite or config_path.exists(), progress=progress, splits=splits)
+
+
+def _row(name: str, spec: str, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """One line of study.csv."""
+    blocks = runs.read_json(run_dir / "config.json").get("blocks", [])
+    return {"run": name, "spec": spec, "method": summary["method"], "reinit": summary.get("reinit"),
+            "natural_acc": summary["natural_acc"], "robust_acc": summary["robust_acc"], "nrr": summary["nrr"],
+            "trainable_params": sum(b["trainable"] for b in blocks), "trainable": " ".join(summary["trainable"]),
+            "best_epoch": summary["best_epoch"], "seconds": summary["seconds"], "dir": str(run_dir)}
+
+
+def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: str | None = None,
+                     method: str = "at", reinit: bool = True, sat: bool = True, overwrite: bool = False,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Train (or re-use) ST, optionally full AT, and one run per update spec; write ``study.csv``."""
+    out = Path(out)
+    specs = parse_specs(blocks, num_blocks(build_model(cfg.model, width=1 / 64)))
+    if base is not None:
+        runs.load_checkpoint(base)  # fail now on a bad checkpoint, before any training
+    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
+                         device=resolve_device(cfg.device))
+    rows = []
+    common = dict(overwrite=overwrite, progress=progress, splits=splits)
+    if base is None:
+        st = run_or_reuse(cfg.replace(method="st", method_args={}), out / "ST", **common)
+        rows.append(_row("ST", "", out / "ST", st))
+        base = str(out / "ST" / "checkpoints" / "best.pt")
+    adv = cfg.replace(method=method, method_args={})
+    if sat:
+        rows.append(_row("AT", "all", out / "AT", run_or_reuse(adv, out / "AT", **common)))
+    for spec in specs:
+        name = spec_run_name(spec, reinit)
+        spec_cfg = adv.replace(init=str(base), update=spec, reinit=reinit)
+        rows.append(_row(name, spec, out / name, run_or_reuse(spec_cfg, out / name, **common)))
+    write_study_csv(out / "study.csv", rows)
+    return rows
+
+
+def write_study_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Merge ``rows`` into ``study.csv`` (rows of other runs already there are kept)."""
+    kept: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        with open(path, newline="") as fh:
+            kept = {r["run"]: r for r in csv.DictReader(fh)}
+    kept.update({r["run"]: r for r in rows})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=STUDY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept.values())
+    tmp.replace(path)

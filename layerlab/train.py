@@ -1,0 +1,303 @@
+"""The one trainer: data -> model -> method steps -> run directory.
+
+Every method (``st``, ``at``, ``trades``, CURE, AWP, RWP, MART, ...) runs through
+:func:`train`; the CLI and the notebooks call it. Randomness is seeded per epoch from the
+run's seed, so ``resume`` continues an interrupted run to the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from layerlab import runs
+from layerlab.attacks import eval_mode, pgd
+from layerlab.config import TrainConfig
+from layerlab.data import ImageSet, Splits, eval_batches, load_splits, train_batches
+from layerlab.layerwise import apply_update_spec, block_report, trainable_parts
+from layerlab.methods import AttackSettings, Method, StepContext, build_method
+from layerlab.models import build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Callback:
+    """Observes training; every hook is optional. Used by the analysis instruments."""
+
+    def on_train_start(self, model: nn.Module, method: Method, run_dir: Path, cfg: TrainConfig,
+                       start_epoch: int) -> None:
+        """Called once before the first epoch this process trains."""
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called each step after gradients (and any mask) exist, before the optimizer step."""
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, run_dir: Path) -> None:
+        """Called after an epoch's metrics are written (``epoch`` counts from 1)."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def nrr(natural: float, robust: float) -> float:
+    """Natural-robust ratio, the harmonic mean 2*nat*rob/(nat+rob) (CURE Eq. 9)."""
+    return 0.0 if natural + robust == 0 else 2 * natural * robust / (natural + robust)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: ``step`` (/10 at 50% and 75%), ``multistep:E1,E2``,
+    ``cosine`` or ``constant``."""
+    kind, _, arg = cfg.schedule.partition(":")
+    if kind == "step":
+        milestones = [cfg.epochs * 0.5, cfg.epochs * 0.75]
+    elif kind == "multistep":
+        milestones = [float(m) for m in arg.split(",") if m]
+    elif kind == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
+    elif kind == "constant":
+        return cfg.lr
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use step, multistep:E1,E2, cosine or constant")
+    return cfg.lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def evaluate(model: nn.Module, data: ImageSet, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+             batch_size: int = 256, seed: int = 0, limit: int | None = None) -> dict[str, float]:
+    """Natural and PGD accuracy (percent) on the first ``limit`` examples of ``data``; steps=0 skips PGD."""
+    correct_nat = correct_adv = total = 0
+    generator = torch.Generator(data.images.device).manual_seed(seed)
+    with eval_mode(model):
+        for x, y in eval_batches(data, batch_size):
+            if limit is not None and total >= limit:
+                break
+            if limit is not None:
+                x, y = x[: limit - total], y[: limit - total]
+            with torch.no_grad():
+                correct_nat += int((model(x).argmax(1) == y).sum())
+            if steps > 0:
+                x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
+                with torch.no_grad():
+                    correct_adv += int((model(x_adv).argmax(1) == y).sum())
+            total += len(y)
+    result = {"natural_acc": 100.0 * correct_nat / max(1, total), "n": total}
+    if steps > 0:
+        result["robust_acc"] = 100.0 * correct_adv / max(1, total)
+    return result
+
+
+@dataclass
+class Setup:
+    """Everything a run trains: data, model, method, optimizer."""
+
+    cfg: TrainConfig
+    splits: Splits
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+
+def build_run_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
+    """The model of ``cfg``: built from the seed, loaded from ``cfg.init`` and frozen/re-initialized
+    per ``cfg.update`` (on the CPU, so initialization does not depend on the device)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=splits.num_classes, width=cfg.width,
+                        mean=splits.mean, std=splits.std)
+    if cfg.init:
+        runs.load_weights(model, runs.load_checkpoint(cfg.init), source=f"--init {cfg.init}")
+    if cfg.update:
+        apply_update_spec(model, cfg.update, reinit=cfg.reinit, reset_bn=cfg.reset_bn, seed=cfg.seed)
+    return model
+
+
+def setup(cfg: TrainConfig, splits: Splits | None = None) -> Setup:
+    """Data, model, method and optimizer for ``cfg`` (``splits`` may be passed to share loaded data)."""
+    device = resolve_device(cfg.device)
+    if splits is None:
+        splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                             test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed, device=device)
+    model = build_run_model(cfg, splits).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method = build_method(cfg.method, cfg.method_args)
+    method.setup(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: the update spec freezes the whole model")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return Setup(cfg, splits, model, method, optimizer, device)
+
+
+def _meta(cfg: TrainConfig, s: Setup, epoch: int) -> dict[str, Any]:
+    """JSON-able metadata stored in every checkpoint (enough to rebuild the model)."""
+    return {"model": cfg.model, "width": cfg.width, "num_classes": s.splits.num_classes,
+            "dataset": s.splits.name, "mean": list(s.splits.mean), "std": list(s.splits.std),
+            "method": cfg.method, "epoch": epoch, "seed": cfg.seed, "update": cfg.update}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for (CUDA or CPU), else a no-op."""
+    if not cfg.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _epoch_generator(cfg: TrainConfig, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator that drives all randomness of one epoch (shuffling, augmentation, attacks)."""
+    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch)
+
+
+def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progress: bool = True) -> dict[str, float]:
+    """One epoch of the method's steps; returns mean loss and accuracy. Stops on a NaN/inf loss."""
+    cfg = s.cfg
+    generator = _epoch_generator(cfg, epoch, s.device)
+    steps_per_epoch = math.ceil(len(s.splits.train) / cfg.batch_size)
+    attack = AttackSettings(cfg.eps, cfg.alpha, cfg.attack_steps, cfg.norm)
+    hooks = [cb.after_backward for cb in callbacks]
+    loss_sum, correct, seen = 0.0, 0, 0
+    batches = train_batches(s.splits.train, cfg.batch_size, generator)
+    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        ctx = StepContext(epoch, cfg.epochs, step, steps_per_epoch, attack, generator, hooks)
+        with _autocast(cfg, s.device):
+            out = s.method.train_step(s.model, x, y, s.optimizer, ctx)
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+        loss_sum += loss * len(y)
+        correct += int((out.logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+    return {"train_loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen)}
+
+
+def _eval_epoch(s: Setup, epoch: int) -> dict[str, float]:
+    """Per-epoch natural/PGD accuracy on a test subset and on the validation split."""
+    cfg = s.cfg
+    kw = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.epoch_eval_steps, norm=cfg.norm,
+              batch_size=cfg.eval_batch_size, seed=cfg.seed)
+    test = evaluate(s.model, s.splits.test, limit=cfg.eval_size, **kw)
+    row = {"natural_acc": test["natural_acc"], "robust_acc": test.get("robust_acc")}
+    if s.splits.val is not None and len(s.splits.val):
+        val = evaluate(s.model, s.splits.val, **kw)
+        row.update(val_natural_acc=val["natural_acc"], val_robust_acc=val.get("robust_acc"))
+    return row
+
+
+def _selection_score(cfg: TrainConfig, row: dict[str, Any]) -> float:
+    """The number "best" maximizes: robust accuracy (natural for ST) on the validation split, or on the
+    test subset when there is no validation split or ``select_on="test"``."""
+    prefix = "val_" if cfg.select_on == "val" and "val_natural_acc" in row else ""
+    kind = "natural_acc" if cfg.method == "st" or row.get("robust_acc") is None else "robust_acc"
+    return float(row[prefix + kind])
+
+
+def final_evaluation(s: Setup, model: nn.Module | None = None) -> dict[str, float]:
+    """Natural and PGD-``eval_steps`` accuracy (percent) on the whole test split, plus NRR."""
+    cfg = s.cfg
+    res = evaluate(model or s.model, s.splits.test, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.eval_steps,
+                   norm=cfg.norm, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1)
+    return {"natural_acc": res["natural_acc"], "robust_acc": res["robust_acc"],
+            "nrr": nrr(res["natural_acc"], res["robust_acc"]), "n_test": res["n"]}
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: int | None = None, callbacks: Iterable[Callback] = (),
+          splits: Splits | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into run directory ``out`` and return its summary.
+
+    ``resume`` continues from ``checkpoints/last.pt``; ``stop_after`` ends this call after that
+    many completed epochs (to test or split long runs); an existing run needs ``overwrite``.
+    """
+    run_dir = runs.prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    callbacks = list(callbacks)
+    if resume:
+        last = runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        saved = TrainConfig.from_dict(last["config"]) if "config" in last else None
+        if saved is not None and saved != cfg:
+            cfg = saved  # the run's own config is authoritative when resuming
+    s = setup(cfg, splits)
+    start_epoch, best_score, best_epoch = 0, float("-inf"), 0
+    if resume:
+        runs.load_weights(s.model, last, source=str(run_dir / "checkpoints" / "last.pt"))
+        s.optimizer.load_state_dict(last["optimizer"])
+        s.method.load_state_dict(last.get("method", {}))
+        start_epoch, best_score, best_epoch = int(last["epoch"]), float(last["best_score"]), int(last["best_epoch"])
+        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= start_epoch]
+        (run_dir / "metrics.jsonl").write_text("".join(runs.dumps_line(r) for r in kept))
+    else:
+        runs.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "environment": runs.environment(),
+                                                  "method_hparams": s.method.hparams(),
+                                                  "blocks": [vars(r) for r in block_report(s.model)]})
+    for cb in callbacks:
+        cb.on_train_start(s.model, s.method, run_dir, cfg, start_epoch)
+    t_run = time.time()
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    epochs_bar = tqdm(range(start_epoch, end_epoch), desc=f"{cfg.method} {run_dir.name}", disable=not progress,
+                      dynamic_ncols=True)
+    for epoch in epochs_bar:
+        lr = lr_at(cfg, epoch)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        try:
+            stats = train_epoch(s, epoch, callbacks, progress)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}; nothing was saved for this epoch and the last good checkpoint "
+                                   f"is {run_dir / 'checkpoints' / 'last.pt'} (epoch {epoch}); "
+                                   f"lower --lr or check the data and method settings") from None
+        seconds = time.time() - t0
+        row = {"epoch": epoch + 1, "lr": lr, **stats, **_eval_epoch(s, epoch), "seconds": seconds,
+               "eval_seconds": time.time() - t0 - seconds}
+        score = _selection_score(cfg, row)
+        meta = _meta(cfg, s, epoch + 1)
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", s.model, meta)
+        runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", s.model, meta, optimizer=s.optimizer.state_dict(),
+                             method=s.method.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
+                             best_score=best_score, best_epoch=best_epoch)
+        runs.append_jsonl(run_dir / "metrics.jsonl", row)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch + 1, s.model, run_dir)
+        epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
+    if end_epoch < cfg.epochs:
+        return {"stopped_after": end_epoch, "run_dir": str(run_dir)}
+    return write_summary(s, run_dir, best_epoch, time.time() - t_run)
+
+
+def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> dict[str, Any]:
+    """Evaluate the final (and best) model on the test split and write ``summary.json``."""
+    cfg = s.cfg
+    metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
+    summary: dict[str, Any] = {
+        "method": cfg.method, "model": cfg.model, "width": cfg.width, "dataset": s.splits.name,
+        "epochs": cfg.epochs, "seed": cfg.seed, "update": cfg.update, "reinit": cfg.reinit,
+        "trainable": trainable_parts(s.model), "method_hparams": s.method.hparams(),
+        "attack": {"norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "steps": cfg.eval_steps},
+        **final_evaluation(s),
+        "best_epoch": best_epoch, "best_selected_on": "val" if cfg.select_on == "val" and s.splits.val else "test",
+        "train_seconds_per_epoch": sum(r["seconds"] for r in metrics) / max(1, len(metrics)),
+        "seconds": seconds,
+    }
+    best_model = build_run_model(cfg.replace(init=None, update=None), s.splits).to(s.device)
+    runs.load_weights(best_model, runs.load_checkpoint(run_dir / "checkpoints" / "best.pt"))
+    summary["best"] = final_evaluation(s, best_model)
+    for name, extra in s.method.extra_models().items():
+        summary[name] = final_evaluation(s, extra)
+    runs.write_json(run_dir / "summary.json", summary)
+    return summary
