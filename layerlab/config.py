@@ -78,7 +78,7 @@ class TrainConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # Built-in data (no download), a tiny ResNet-18: seconds on a laptop CPU. For tests and the README.
     "smoke": dict(
-        dataset="digits", width=0.125, epochs=2, batch_size=64, train_size=640, val_size=100,
+        dataset="digits", width=0.125, epochs=4, batch_size=64, train_size=None, val_size=100,
         test_size=200, eval_size=100, attack_steps=5, epoch_eval_steps=5, eval_steps=20,
     ),
     # CIFAR-10 subset and a width-16 ResNet-18: one PGD-10 AT run takes about 10-20 minutes on 2 cores.

@@ -1,4 +1,4 @@
-"""Training methods as *objective + components*, run by the one shared trainer step.
+"""The method framework: objectives, components, and the one training step every method uses.
 
 An :class:`Objective` says which adversarial examples a method crafts and which loss it
 minimizes (ST, PGD-AT, TRADES, ...). A :class:`Component` changes the step around that loss
@@ -14,8 +14,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from layerlab.attacks import ce_loss, eval_mode, kl_loss, pgd_perturb
 
 
 @dataclass
@@ -81,71 +79,6 @@ class Objective:
 
     def hparams(self) -> dict[str, Any]:
         return {}
-
-
-class Natural(Objective):
-    """Standard training (ST): cross-entropy on clean inputs."""
-
-    name = "st"
-
-    def loss(self, model, x, x_adv, y, ctx):
-        logits = model(x)
-        return Outputs(F.cross_entropy(logits, y), logits_nat=logits)
-
-    def adv_loss(self, model, x, x_adv, y):
-        return F.cross_entropy(model(x), y, reduction="none")
-
-
-class PGDAT(Objective):
-    """Madry et al. (2018) PGD adversarial training: CE on PGD examples (uniform random start)."""
-
-    name = "at"
-
-    def craft(self, model, x, y, ctx):
-        a = ctx.attack
-        with eval_mode(model):
-            return pgd_perturb(model, x, ce_loss(y), eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
-                               init="uniform", generator=ctx.generator)
-
-    def loss(self, model, x, x_adv, y, ctx):
-        logits = model(x_adv)
-        return Outputs(F.cross_entropy(logits, y), logits_adv=logits, x_adv=x_adv)
-
-
-def trades_kl(logits_nat: Tensor, logits_adv: Tensor) -> Tensor:
-    """Batch-mean KL(p(x_nat) || p(x_adv)), gradients flowing through both sides (TRADES' outer term)."""
-    return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
-
-
-class TRADES(Objective):
-    """Zhang et al. (2019): CE(x_nat) + beta * KL(p(x_nat) || p(x_adv)); inner max of the KL from 0.001*N(0,1)."""
-
-    name = "trades"
-
-    def __init__(self, beta: float = 6.0):
-        self.beta = beta
-
-    def craft(self, model, x, y, ctx):
-        a = ctx.attack
-        with eval_mode(model):
-            with torch.no_grad():
-                clean = model(x)
-            return pgd_perturb(model, x, kl_loss(clean), eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
-                               init="normal", generator=ctx.generator)
-
-    def loss(self, model, x, x_adv, y, ctx):
-        logits_nat, logits_adv = model(x), model(x_adv)  # two passes: BatchNorm sees each batch alone
-        ce = F.cross_entropy(logits_nat, y)
-        kl = trades_kl(logits_nat, logits_adv)
-        return Outputs(ce + self.beta * kl, logits_nat, logits_adv, x_adv, {"ce_nat": ce, "kl": kl})
-
-    def adv_loss(self, model, x, x_adv, y):
-        logits_nat, logits_adv = model(x), model(x_adv)
-        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="none").sum(1)
-        return F.cross_entropy(logits_nat, y, reduction="none") + self.beta * kl
-
-    def hparams(self):
-        return {"beta": self.beta}
 
 
 class Component:
@@ -248,70 +181,3 @@ class Method:
         return params
 
 
-MethodFactory = Callable[..., Method]
-
-
-def _st(**kw: Any) -> Method:
-    return Method("st", Natural(**kw))
-
-
-def _at(**kw: Any) -> Method:
-    return Method("at", PGDAT(**kw))
-
-
-def _trades(beta: float = 6.0) -> Method:
-    return Method("trades", TRADES(beta=beta))
-
-
-# name -> (factory, one-line description). New methods register here.
-METHODS: dict[str, tuple[MethodFactory, str]] = {
-    "st": (_st, "standard (natural) training"),
-    "at": (_at, "Madry PGD adversarial training"),
-    "trades": (_trades, "TRADES (Zhang et al. 2019), beta configurable"),
-}
-
-# preset name -> (method, method_args, config overrides, description). Hyper-parameters from the papers.
-PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
-    "trades-cifar10": ("trades", {"beta": 6.0}, {}, "TRADES, beta=6 (Zhang et al. 2019)"),
-}
-
-
-def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
-    """The method registered as ``name`` with hyper-parameters ``args``; unknown names list the valid ones."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    factory, _ = METHODS[name]
-    try:
-        return factory(**(args or {}))
-    except TypeError as err:
-        raise ValueError(f"bad hyper-parameters for method {name!r}: {err}") from None
-
-
-def _parse_value(text: str) -> Any:
-    """``KEY=VALUE`` values: JSON when it parses (numbers, booleans, lists), else the string."""
-    import json
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def resolve_method(method: str, preset: str | None = None,
-                   args: list[str] | tuple[str, ...] = ()) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(method name, hyper-parameters, config overrides) from a method, an optional preset and ``KEY=VALUE``
-    arguments, which override the preset's values."""
-    method_args: dict[str, Any] = {}
-    overrides: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} (`layerlab presets`)")
-        method, preset_args, overrides, _ = PRESETS[preset]
-        method_args.update(preset_args)
-    for item in args:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"method argument {item!r} is not KEY=VALUE (e.g. --arg beta=6)")
-        method_args[key.strip()] = _parse_value(value.strip())
-    build_method(method, method_args)  # validate names and hyper-parameters now, not after loading data
-    return method, method_args, dict(overrides)
