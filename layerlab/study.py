@@ -11,6 +11,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from layerlab import runs
 from layerlab.config import TrainConfig
 from layerlab.data import load_splits
@@ -62,7 +64,8 @@ def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: st
                      progress: bool = True) -> list[dict[str, Any]]:
     """Train (or re-use) ST, optionally full AT, and one run per update spec; write ``study.csv``."""
     out = Path(out)
-    specs = parse_specs(blocks, num_blocks(build_model(cfg.model, width=1 / 64)))
+    with torch.random.fork_rng(devices=[]):  # a throw-away model, only to count blocks: keep the global RNG
+        specs = parse_specs(blocks, num_blocks(build_model(cfg.model, width=1 / 64)))
     if base is not None:
         runs.load_checkpoint(base)  # fail now on a bad checkpoint, before any training
     splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
@@ -92,10 +95,53 @@ def write_study_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         with open(path, newline="") as fh:
             kept = {r["run"]: r for r in csv.DictReader(fh)}
     kept.update({r["run"]: r for r in rows})
+    _write_csv(path, list(kept.values()), STUDY_COLUMNS)
+
+
+# Methods that start from the naturally trained model (CURE Algorithm 1 starts from ST).
+NEEDS_ST_INIT = ("cure",)
+COMPARE_COLUMNS = ("run", "method", "natural_acc", "robust_acc", "nrr", "best_natural_acc", "best_robust_acc",
+                   "seconds_per_epoch", "epochs", "dir")
+
+
+def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path, *, overwrite: bool = False,
+                          progress: bool = True) -> list[dict[str, Any]]:
+    """Train (or re-use) one run per method under the same config; CURE starts from the ST run.
+
+    Writes ``compare.csv`` (natural / PGD accuracy, NRR, wall time per epoch) into ``out``.
+    """
+    from layerlab.methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    out = Path(out)
+    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
+                         device=resolve_device(cfg.device))
+    common = dict(overwrite=overwrite, progress=progress, splits=splits)
+    order = (["st"] if any(m in NEEDS_ST_INIT for m in methods) and "st" not in methods else []) + list(methods)
+    rows = []
+    for name in sorted(order, key=lambda m: m != "st"):
+        init = str(out / "st" / "checkpoints" / "best.pt") if name in NEEDS_ST_INIT else None
+        summary = run_or_reuse(cfg.replace(method=name, method_args={}, init=init), out / name, **common)
+        if name in methods:
+            rows.append({"run": name, "method": name, "natural_acc": summary["natural_acc"],
+                         "robust_acc": summary["robust_acc"], "nrr": summary["nrr"],
+                         "best_natural_acc": summary["best"]["natural_acc"],
+                         "best_robust_acc": summary["best"]["robust_acc"],
+                         "seconds_per_epoch": summary["train_seconds_per_epoch"], "epochs": summary["epochs"],
+                         "dir": str(out / name)})
+    _write_csv(out / "compare.csv", rows, COMPARE_COLUMNS)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """Atomically write ``rows`` as CSV."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=STUDY_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(kept.values())
+        writer.writerows(rows)
     tmp.replace(path)

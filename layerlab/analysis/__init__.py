@@ -1,0 +1,1 @@
+"""Instruments that measure trained networks: layer statistics, CKA, LSC landscapes, robustness."""

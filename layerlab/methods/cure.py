@@ -1,0 +1,394 @@
+"""CURE: Conserve-Update-Revise (Gowda, Zonooz & Arani, ICLR 2024), and CURE^Eff (its Appendix B).
+
+Algorithm 1 of the paper, as objective + components of the shared trainer step:
+
+* :class:`CUREObjective` crafts x_adv = x + argmax_delta [CE(f(x+delta), y) + alpha KL(f(x) || f(x+delta))]
+  (Eq. 4 as written in Alg. 1 step 4; PGD in eval mode, uniform random start) and minimizes
+  L_adv = CE(f(x_nat), y) + KL(p(x_nat) || p(x_adv)) (Eq. 5, batch-mean KL as TRADES' outer term).
+* :class:`RGPMask` ("conserve / update") keeps, per parameter tensor, the p% of entries with the lowest
+  Robust Gradient Prominence RGP(w) = alpha |dCE(x_nat)/dw| + (1 - alpha) |dCE(x_adv)/dw| (Eq. 6) fixed.
+* :class:`Revision` ("revise") keeps theta_rev, a stochastic moving average of theta (Eq. 7), and adds
+  gamma * L_CR, L_CR = KL(p(x_nat; rev) || p(x_nat; theta)) + KL(p(x_adv; rev) || p(x_adv; theta)) (Eq. 8).
+
+CURE starts from a naturally trained model: pass the ST run's checkpoint as ``--init`` (``cfg.init``);
+the method itself does nothing special about it. ``cure-eff`` needs none: its first epochs are plain
+natural training inside the same epoch budget (:class:`Warmup`).
+
+Component order matters and is fixed by the factories: ``[RGPMask, Revision]``, so that after the
+optimizer step the masked entries are restored *before* theta_rev averages theta.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from layerlab.attacks import ce_loss, eval_mode, kl_loss, pgd_perturb
+from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
+from layerlab.methods.objectives import trades_kl
+
+MASK_SCOPES = ("conv", "conv+linear", "all")
+R_DECAYS = ("none", "linear", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """CURE^Eff's natural warm-up: the first ``epochs`` epochs train CE on clean inputs only.
+
+    ``epochs=None`` means automatic: 10% of the run (rounded), at least 1 when the run has >= 2 epochs.
+    The length is capped at ``total - 1`` so at least one CURE epoch runs. Plain CURE uses ``Warmup(0)``.
+    """
+
+    epochs: int | None = 0
+
+    def length(self, total_epochs: int) -> int:
+        """Warm-up epochs of a run of ``total_epochs`` epochs."""
+        if total_epochs < 2:
+            return 0
+        wanted = max(1, round(0.1 * total_epochs)) if self.epochs is None else self.epochs
+        return min(wanted, total_epochs - 1)
+
+    def active(self, ctx: StepContext) -> bool:
+        """True while the step is part of the natural warm-up."""
+        return ctx.epoch < self.length(ctx.epochs)
+
+    def progress(self, ctx: StepContext) -> float:
+        """Fraction of the CURE (post-warm-up) phase done, in [0, 1)."""
+        start = self.length(ctx.epochs) / max(1, ctx.epochs)
+        return max(0.0, (ctx.progress - start) / max(1e-12, 1.0 - start))
+
+    def describe(self) -> int | str:
+        return "auto" if self.epochs is None else self.epochs
+
+
+class CUREObjective(Objective):
+    """Alg. 1 steps 4-5: PGD on CE + alpha*KL (uniform start), then L_adv = CE(x_nat) + KL(p(x_nat)||p(x_adv))."""
+
+    name = "cure"
+
+    def __init__(self, alpha: float = 0.1, warmup: Warmup = Warmup(0)):
+        self.alpha = alpha
+        self.warmup = warmup
+
+    def craft(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> Tensor | None:
+        if self.warmup.active(ctx):
+            return None
+        a = ctx.attack
+        with eval_mode(model):
+            with torch.no_grad():
+                clean = model(x)
+            ce, kl = ce_loss(y), kl_loss(clean)
+            return pgd_perturb(model, x, lambda logits: ce(logits) + self.alpha * kl(logits), eps=a.eps,
+                               alpha=a.alpha, steps=a.steps, norm=a.norm, init="uniform", generator=ctx.generator)
+
+    def loss(self, model: nn.Module, x: Tensor, x_adv: Tensor | None, y: Tensor, ctx: StepContext) -> Outputs:
+        if x_adv is None:  # CURE^Eff warm-up: natural training
+            logits = model(x)
+            return Outputs(F.cross_entropy(logits, y), logits_nat=logits)
+        logits_nat, logits_adv = model(x), model(x_adv)  # two passes: BatchNorm sees each batch alone
+        ce = F.cross_entropy(logits_nat, y)
+        kl = trades_kl(logits_nat, logits_adv)
+        return Outputs(ce + kl, logits_nat, logits_adv, x_adv, {"ce_nat": ce, "kl": kl})
+
+    def adv_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        logits_nat, logits_adv = model(x), model(x_adv)
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="none").sum(1)
+        return F.cross_entropy(logits_nat, y, reduction="none") + kl
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "warmup_epochs": self.warmup.describe()}
+
+
+def masked_parameters(model: nn.Module, scope: str) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters the RGP mask applies to: conv weights ("conv"), also linear weights
+    ("conv+linear"), or every trainable parameter incl. BatchNorm affine and biases ("all")."""
+    if scope not in MASK_SCOPES:
+        raise ValueError(f"unknown mask_scope {scope!r}; choose one of {list(MASK_SCOPES)}")
+    if scope == "all":
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kinds: tuple[type, ...] = (nn.modules.conv._ConvNd,) + ((nn.Linear,) if scope == "conv+linear" else ())
+    chosen = {id(m.weight) for m in model.modules() if isinstance(m, kinds) and isinstance(m.weight, nn.Parameter)}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in chosen]
+
+
+def mask_count(percent: float, numel: int) -> int:
+    """How many of ``numel`` entries a p% mask holds: p% of numel rounded half up."""
+    return min(numel, math.floor(percent / 100.0 * numel + 0.5))
+
+
+def lowest_k_mask(score: Tensor, k: int) -> Tensor:
+    """Boolean mask (shape of ``score``) of exactly ``k`` entries with the lowest score, computed on the
+    score's device without host copies; ties at the threshold go to the lowest flat (row-major) indices."""
+    flat = score.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.topk(flat, k, largest=False, sorted=False).values.amax()  # the k-th smallest value
+    below = flat < kth
+    tied = flat == kth
+    need = k - below.sum()
+    take = tied & (torch.cumsum(tied, 0, dtype=torch.int64) <= need)
+    return (below | take).view(score.shape)
+
+
+class RGPMask(Component):
+    """Alg. 1 steps 6 and 11: per parameter tensor, the p% entries with the lowest RGP get a ZERO update.
+
+    RGP(w) = alpha |dCE(x_nat)/dw| + (1 - alpha) |dCE(x_adv)/dw| (Eq. 6), from ``torch.autograd.grad`` on
+    the forward graphs the objective already built (no extra forwards), then the total loss is
+    backpropagated as usual. Exactly round(p% * numel) entries per masked tensor; ties broken by index.
+
+    Mask semantics: the masked entries' gradients are set to 0 (the paper's step 11, so momentum buffers
+    and gradient instruments only see the gradients of updated entries) *and* their values are saved
+    before ``optimizer.step()`` and restored after it, because SGD momentum and weight decay would still
+    move an entry with a zero gradient. Masked entries therefore do not change at all in that step (their
+    momentum buffers still accumulate the weight-decay term, as for any entry with a zero gradient).
+
+    ``mask_scope``: "conv" (default: every convolution weight incl. stem and shortcuts; the paper's
+    gradient analysis, Figs. 6/10, is about conv layers), "conv+linear" (also the classifier weight), "all"
+    (also BatchNorm affine parameters and biases). Frozen parameters (requires_grad False) are never touched.
+    This follows the paper (Eq. 6, Alg. 1), not the released code, whose ``rgp_soft`` mode ranks the signed
+    alpha * g(CE_nat) + (1 - alpha) * g(KL) and masks only the blocks' ``conv1`` weights.
+    """
+
+    name = "rgp"
+
+    def __init__(self, p: float = 30.0, alpha: float = 0.1, mask_scope: str = "conv", warmup: Warmup = Warmup(0)):
+        if not 0.0 <= p <= 100.0:
+            raise ValueError(f"p must be a percentage in [0, 100], got {p}")
+        if mask_scope not in MASK_SCOPES:
+            raise ValueError(f"unknown mask_scope {mask_scope!r}; choose one of {list(MASK_SCOPES)}")
+        self.p, self.alpha, self.mask_scope, self.warmup = float(p), float(alpha), mask_scope, warmup
+        self.params: list[tuple[str, nn.Parameter]] = []
+        self.masks: dict[str, Tensor] = {}  # last step's masks (True = conserved), for analysis
+        self._saved: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+
+    def setup(self, model: nn.Module) -> None:
+        self.params = masked_parameters(model, self.mask_scope)
+
+    def backward(self, model: nn.Module, out: Outputs, loss: Tensor, x: Tensor, y: Tensor,
+                 ctx: StepContext) -> bool:
+        if (self.p == 0 or not self.params or self.warmup.active(ctx)
+                or out.logits_nat is None or out.logits_adv is None):
+            return False
+        params = [p for _, p in self.params]
+        g_nat = torch.autograd.grad(F.cross_entropy(out.logits_nat, y), params, retain_graph=True, allow_unused=True)
+        g_adv = torch.autograd.grad(F.cross_entropy(out.logits_adv, y), params, retain_graph=True, allow_unused=True)
+        loss.backward()
+        self.masks, self._saved = {}, []
+        with torch.no_grad():
+            for (name, p), gn, ga in zip(self.params, g_nat, g_adv):
+                score = torch.zeros_like(p)
+                if gn is not None:
+                    score.add_(gn.abs(), alpha=self.alpha)
+                if ga is not None:
+                    score.add_(ga.abs(), alpha=1.0 - self.alpha)
+                mask = lowest_k_mask(score, mask_count(self.p, p.numel()))
+                if p.grad is not None:
+                    p.grad.masked_fill_(mask, 0.0)
+                self.masks[name] = mask
+                self._saved.append((p, mask, p.detach().clone()))
+        return True
+
+    def after_step(self, model: nn.Module, ctx: StepContext) -> None:
+        with torch.no_grad():
+            for p, mask, before in self._saved:
+                p.copy_(torch.where(mask, before, p))
+        self._saved = []
+
+    def hparams(self) -> dict[str, Any]:
+        return {"p": self.p, "mask_scope": self.mask_scope}
+
+
+def revision_rate(r: float, decay: str, progress: float) -> float:
+    """The revision probability at ``progress`` in [0, 1] of the CURE phase under schedule ``decay``."""
+    if decay == "none":
+        return r
+    if decay == "linear":
+        return r * (1.0 - progress)
+    if decay == "cosine":
+        return r * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "step":
+        return r if progress < 0.5 else 0.0
+    raise ValueError(f"unknown r_decay {decay!r}; choose one of {list(R_DECAYS)}")
+
+
+def _frozen_bn(module: nn.Module) -> bool:
+    """A BatchNorm whose affine parameters are all frozen (apply_update_spec also freezes its statistics)."""
+    params = list(module.parameters(recurse=False))
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+class Revision(Component):
+    """Alg. 1 steps 7-10: the revision model theta_rev and the consistency loss gamma * L_CR (Eqs. 7-8).
+
+    theta_rev is a deep copy of the model at setup (eval mode, no gradients; for CURE^Eff it is re-synced
+    to theta when the warm-up ends). After each optimizer step, with probability r_t (a uniform draw from
+    ``ctx.generator``, made every step, so runs are reproducible and r does not shift other randomness),
+    theta_rev <- d * theta_rev + (1 - d) * theta for every trainable parameter (Eq. 7). Updating after
+    step t with theta_{t+1} equals Alg. 1's update before the loss of step t+1. theta itself is only read.
+
+    BatchNorm buffers: running mean/var are averaged with the same d when the update fires (the statistics
+    of an averaged network are approximated by the averaged statistics, and copying theta's current ones
+    would pair lagging weights with current statistics); ``num_batches_tracked`` is copied. Buffers of
+    frozen BatchNorms and frozen parameters are skipped (they equal theta's anyway).
+
+    ``r_decay`` ("gradually decay the revision rate", App. F.1): "none" r; "linear" r(1 - t) (default: the
+    simplest gradual decay to 0 at the end, "minimizing revisions when the network stabilizes", mean rate
+    r/2); "cosine" r(1 + cos(pi t))/2; "step" r until half of training, then 0 (what the released code's
+    ``ema_dynamic`` amounts to: it halves r at every step after epoch 100 of 200). t is the progress of the
+    CURE phase (after any warm-up). gamma = 0 skips theta_rev's forward passes entirely.
+    """
+
+    name = "revision"
+
+    def __init__(self, gamma: float = 1.0, r: float = 0.2, d: float = 0.999, r_decay: str = "linear",
+                 warmup: Warmup = Warmup(0)):
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0.0 <= r <= 1.0 or not 0.0 <= d <= 1.0:
+            raise ValueError(f"r and d must lie in [0, 1], got r={r}, d={d}")
+        if r_decay not in R_DECAYS:
+            raise ValueError(f"unknown r_decay {r_decay!r}; choose one of {list(R_DECAYS)}")
+        self.gamma, self.r, self.d, self.r_decay, self.warmup = float(gamma), float(r), float(d), r_decay, warmup
+        self.model: nn.Module | None = None
+        self.synced = False
+        self.revisions = 0  # how many times Eq. 7 fired
+        self.draws = 0  # how many steps drew whether to revise
+        self._params: list[tuple[Tensor, Tensor]] = []
+        self._buffers: list[tuple[Tensor, Tensor]] = []
+
+    def setup(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._params = [(rp, p) for rp, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
+        self._buffers = []
+        for rm, m in zip(self.model.modules(), model.modules()):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _frozen_bn(m):
+                self._buffers += list(zip(rm.buffers(recurse=False), m.buffers(recurse=False)))
+        self.synced = self.warmup.epochs == 0  # CURE^Eff re-syncs theta_rev to theta when its warm-up ends
+
+    def rate(self, ctx: StepContext) -> float:
+        """The revision probability r_t of this step."""
+        return revision_rate(self.r, self.r_decay, self.warmup.progress(ctx))
+
+    def before_loss(self, model: nn.Module, objective: Objective, x: Tensor, x_adv: Tensor | None, y: Tensor,
+                    ctx: StepContext) -> None:
+        if not self.synced and not self.warmup.active(ctx):
+            self.model.load_state_dict(model.state_dict())
+            self.synced = True
+
+    def consistency(self, out: Outputs, x: Tensor) -> Tensor:
+        """L_CR (Eq. 8): batch-mean KL(p(.; rev) || p(.; theta)) on x_nat and x_adv, theta_rev under no_grad."""
+        pairs = [(x, out.logits_nat)] + ([(out.x_adv, out.logits_adv)] if out.logits_adv is not None else [])
+        total = 0.0
+        for inputs, logits in pairs:
+            with torch.no_grad():
+                target = F.softmax(self.model(inputs).float(), dim=1)
+            total = total + F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+        return total
+
+    def extra_loss(self, model: nn.Module, out: Outputs, x: Tensor, y: Tensor, ctx: StepContext) -> Tensor | None:
+        if self.gamma == 0 or self.warmup.active(ctx):
+            return None
+        cr = self.consistency(out, x)
+        out.terms["cr"] = cr.detach()
+        return self.gamma * cr
+
+    @torch.no_grad()
+    def revise(self) -> None:
+        """Eq. 7: theta_rev <- d theta_rev + (1 - d) theta (BatchNorm statistics likewise, counters copied)."""
+        for rp, p in self._params:
+            rp.mul_(self.d).add_(p.detach(), alpha=1.0 - self.d)
+        for rb, b in self._buffers:
+            if rb.is_floating_point():
+                rb.mul_(self.d).add_(b, alpha=1.0 - self.d)
+            else:
+                rb.copy_(b)
+        self.revisions += 1
+
+    def after_step(self, model: nn.Module, ctx: StepContext) -> None:
+        if self.warmup.active(ctx):
+            return
+        gen = ctx.generator
+        draw = float(torch.rand((), generator=gen, device=gen.device))
+        self.draws += 1
+        if draw < self.rate(ctx):
+            self.revise()
+
+    def extra_models(self) -> dict[str, nn.Module]:
+        return {"revision": self.model} if self.model is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "synced": self.synced, "revisions": self.revisions, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.synced = bool(state["synced"])
+        self.revisions, self.draws = int(state["revisions"]), int(state["draws"])
+
+    def hparams(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "r": self.r, "d": self.d, "r_decay": self.r_decay}
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1] (RGP weight of the natural gradient), got {alpha}")
+
+
+def _cure(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+          r_decay: str = "linear", mask_scope: str = "conv") -> Method:
+    """CURE with the paper's ResNet-18 CIFAR-10 values as defaults (Table 9)."""
+    _check_alpha(alpha)
+    return Method("cure", CUREObjective(alpha), [RGPMask(p, alpha, mask_scope), Revision(gamma, r, d, r_decay)])
+
+
+def _cure_eff(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+              r_decay: str = "linear", mask_scope: str = "conv", warmup_epochs: int | None = None) -> Method:
+    """CURE^Eff: ``warmup_epochs`` of natural training (None = 10% of the run, >= 1), then CURE."""
+    _check_alpha(alpha)
+    if warmup_epochs is not None and (not isinstance(warmup_epochs, int) or warmup_epochs < 0):
+        raise ValueError(f"warmup_epochs must be a non-negative integer or null (auto), got {warmup_epochs!r}")
+    w = Warmup(warmup_epochs)
+    return Method("cure-eff", CUREObjective(alpha, w),
+                  [RGPMask(p, alpha, mask_scope, w), Revision(gamma, r, d, r_decay, w)])
+
+
+METHODS = {
+    "cure": (_cure, "CURE (Gowda et al. ICLR 2024): RGP mask + revision model; start from an ST model (--init)"),
+    "cure-eff": (_cure_eff, "CURE^Eff: natural warm-up (default 10% of epochs) then CURE, no pre-trained model"),
+}
+
+_R18 = {"p": 30, "alpha": 0.1, "gamma": 1.0, "r": 0.2, "d": 0.999}
+_PAPER = "Table 9 (lr 0.1, wd 5e-3, 200 epochs: pass --epochs 200; start from an ST model with --init)"
+_CODE = "released code's README (lr 0.1, wd 7e-4, 120 epochs: pass --epochs 120; --init an ST model)"
+
+# Presets set the method's hyper-parameters, the architecture they belong to and the weight decay; not the
+# dataset or the epochs, which would turn `--profile smoke` runs into CIFAR/200-epoch runs (pass them).
+PRESETS = {
+    "cure-resnet18-cifar10": ("cure", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
+                              f"CURE ResNet-18 CIFAR-10, {_PAPER}"),
+    "cure-resnet18-cifar10-code": ("cure", dict(_R18), {"model": "resnet18", "weight_decay": 7e-4},
+                                   f"CURE ResNet-18 CIFAR-10, {_CODE}"),
+    "cure-resnet18-cifar100": ("cure", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
+                               f"CURE ResNet-18 CIFAR-100, {_PAPER}"),
+    "cure-resnet18-svhn": ("cure", {**_R18, "alpha": 0.2}, {"model": "resnet18", "weight_decay": 5e-3},
+                           f"CURE ResNet-18 SVHN, {_PAPER}"),
+    "cure-wrn34-10-cifar10": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+                              {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-10, {_PAPER}"),
+    "cure-wrn34-10-cifar100": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+                               {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-100, {_PAPER}"),
+    "cure-preactresnet18-cifar10": ("cure", {**_R18, "p": 20, "alpha": 0.2},
+                                    {"model": "preactresnet18", "weight_decay": 5e-3},
+                                    f"CURE PreActResNet-18 CIFAR-10, {_PAPER}"),
+    "cure-eff-resnet18-cifar10": ("cure-eff", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
+                                  "CURE^Eff ResNet-18 CIFAR-10 (App. B), Table 9 values; no --init needed"),
+}

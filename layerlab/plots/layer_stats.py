@@ -1,0 +1,58 @@
+"""CURE Fig. 6a/6b/10 views from ``layer_stats.jsonl`` only: mean gradient per block over training, and
+the percentage of weights updated per layer in the initial / middle / final phase of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
+
+from layerlab.analysis.layer_stats import (
+    PHASES,
+    block_gradients,
+    read_layer_stats,
+    updated_by_phase,
+)
+from layerlab.plots.style import new_figure, save
+
+
+def plot_block_gradients(stats, path: str | Path) -> Path:
+    """Line per block: mean |gradient| (entries weighted equally) against the epoch, log scale."""
+    data = block_gradients(stats)
+    fig, axes = new_figure(width=5.5, height=3.8)
+    ax = axes[0, 0]
+    sns.lineplot(data=data, x="epoch", y="grad_mean_abs", hue="block", marker="o", ax=ax)
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="mean |gradient|", title="Gradient magnitude per block")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(title="block", fontsize="small")
+    return save(fig, path)
+
+
+def plot_updated_by_phase(stats, path: str | Path, weights_only: bool = True) -> Path:
+    """Bars per layer (conv/linear weights in forward order), one colour per phase: percent of entries updated."""
+    data = updated_by_phase(stats, weights_only=weights_only)
+    phases = [p for p in PHASES if p in set(data["phase"])]
+    layers = data["layer"].nunique()
+    fig, axes = new_figure(width=max(6.0, 0.35 * layers + 2), height=3.8)
+    ax = axes[0, 0]
+    sns.barplot(data=data, x="layer", y="updated_percent", hue="phase", hue_order=phases, ax=ax)
+    names = data.drop_duplicates("layer").sort_values("layer")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{i + 1} {b}" for i, b in enumerate(names["block"])], rotation=90, fontsize="x-small")
+    ax.set(xlabel="layer (forward order) and block", ylabel="weights updated per step (%)", ylim=(0, 105),
+           title="Weights updated per layer")
+    ax.legend(title="phase", fontsize="small", loc="lower left")
+    return save(fig, path)
+
+
+def plot_grads(source: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Both views of a run (``source`` is the run directory or its layer_stats.jsonl) into ``out_dir``
+    (default: the run's ``figures/``)."""
+    source = Path(source)
+    stats = read_layer_stats(source)
+    run_dir = source if source.is_dir() else source.parent
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "figures"
+    return [plot_block_gradients(stats, out_dir / "grads_per_block.png"),
+            plot_updated_by_phase(stats, out_dir / "updated_per_layer.png")]
