@@ -107,8 +107,9 @@ def pgd_perturb(model: nn.Module, x: Tensor, loss_fn: InnerLoss, *, eps: float, 
         raise ValueError(f"unknown PGD init {init!r}")
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = loss_fn(model(x + delta))
-        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.enable_grad():  # the attack needs input gradients even when called under no_grad
+            loss = loss_fn(model(x + delta))
+            (grad,) = torch.autograd.grad(loss, delta)
         delta = _project(delta.detach() + _ascent(grad, alpha, norm), x, eps, norm)
     return (x + delta).detach()
 

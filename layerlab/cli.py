@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from layerlab.config import PROFILES, TrainConfig, make_config
+from layerlab.config import PROFILES, ST_EPOCHS, TrainConfig, make_config
 
 app = typer.Typer(help="Layer-wise analysis of adversarial training (CURE, RWP) in PyTorch.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -36,6 +36,7 @@ AmpOpt = typer.Option(None, "--amp/--no-amp", help="bf16 autocast")
 OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default per profile {ST_EPOCHS}")
 
 
 def _fail(err: Exception) -> None:
@@ -104,9 +105,10 @@ def freeze_study(
     dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, download: Optional[bool] = DownloadOpt,
     epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
     weight_decay: Optional[float] = WdOpt, train_size: Optional[int] = TrainSizeOpt,
-    test_size: Optional[int] = TestSizeOpt, attack_steps: Optional[int] = AttackStepsOpt,
-    seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt, overwrite: bool = OverwriteOpt,
-    progress: bool = ProgressOpt,
+    test_size: Optional[int] = TestSizeOpt, val_size: Optional[int] = ValSizeOpt,
+    attack_steps: Optional[int] = AttackStepsOpt, eval_steps: Optional[int] = EvalStepsOpt,
+    st_epochs: Optional[int] = StEpochsOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
+    overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
 ) -> None:
     """CURE's layer-wise study: train ST, then adversarially train only the chosen blocks of it.
 
@@ -117,10 +119,10 @@ def freeze_study(
     try:
         cfg = _common(profile, model=model, width=width, dataset=dataset, data_dir=data_dir, download=download,
                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      train_size=train_size, test_size=test_size, attack_steps=attack_steps, seed=seed,
-                      device=device)
+                      train_size=train_size, test_size=test_size, val_size=val_size, attack_steps=attack_steps,
+                      eval_steps=eval_steps, seed=seed, device=device)
         rows = run_freeze_study(cfg, blocks, out, base=base, method=method, reinit=reinit, sat=sat,
-                                overwrite=overwrite, progress=progress)
+                                overwrite=overwrite, progress=progress, st_epochs=st_epochs or ST_EPOCHS[profile])
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"{'run':<12}{'natural':>9}{'PGD-20':>9}{'NRR':>8}{'trainable':>12}{'seconds':>9}")
@@ -133,25 +135,255 @@ def freeze_study(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Option(..., "--run", help="run directory"),
-    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated attacks"),
+    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: natural, fgsm, pgd20, pgd100, "
+                                "pgd20-l2, pgd100-l2, cw100, aa, aa-l2, eps-sweep, or all"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples"),
+    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
     batch_size: int = typer.Option(256, help="evaluation batch size"),
     seed: int = typer.Option(0, help="attack seed"),
+    eps_sweep: str = typer.Option("0.25,0.5,1,2,3,4,5,6,7,8", help="eps values (x 1/255) of the eps-sweep"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
-    """Evaluate a run's model under attacks; writes RUN/eval.json."""
+    """Evaluate a run's model under attacks; writes RUN/eval.json (and RUN/eps_sweep.png for eps-sweep)."""
     from layerlab.evaluation import evaluate_run
 
     try:
+        sweep = [float(e) for e in eps_sweep.split(",") if e.strip()]
         report = evaluate_run(run, [a.strip() for a in attacks.split(",") if a.strip()], checkpoint=checkpoint,
-                              n=n, batch_size=batch_size, seed=seed, device=device, data_dir=data_dir)
+                              n=n, batch_size=batch_size, seed=seed, device=device, data_dir=data_dir,
+                              sweep_255=sweep, progress=lambda name: typer.echo(f"running {name} ...", err=True))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     for name, res in report["results"].items():
         typer.echo(f"{name:<12}{res['accuracy']:>8.2f}%")
-    typer.echo(f"wrote {run / 'eval.json'} (n={report['n']})")
+    for norm, res in report["worst_case"].items():
+        typer.echo(f"{'worst-' + norm:<12}{res['accuracy']:>8.2f}%  (over {', '.join(res['attacks'])})")
+    for name, m in report["metrics"].items():
+        typer.echo(f"{name:<12} NRR {m['nrr']:6.2f}  sum {m['sum']:7.2f}")
+    if "eps_sweep" in report:
+        from layerlab.plots.robustness import plot_eps_sweep
+
+        points = report["eps_sweep"]["points"]
+        typer.echo("eps-sweep   " + "  ".join(f"{p['eps_255']:g}:{p['accuracy']:.1f}" for p in points))
+        typer.echo(f"wrote {plot_eps_sweep({run.name: run / 'eval.json'}, run / 'eps_sweep.png')}")
+    if not report["checks"]["passed"]:
+        typer.echo("WARNING: sanity checks failed (see 'checks' in eval.json); do not trust these numbers", err=True)
+    status = "passed" if report["checks"]["passed"] else "FAILED"
+    typer.echo(f"wrote {run / 'eval.json'} (n={report['n']}, sanity checks {status})")
+
+
+@app.command()
+def corruptions(
+    run: Path = typer.Option(..., "--run", help="run directory"),
+    n: Optional[int] = typer.Option(None, help="use the first N test images"),
+    severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities (1-5)"),
+    types: str = typer.Option("all", help="comma-separated corruption types or groups (noise, blur, weather, digital)"),
+    seed: int = typer.Option(0, help="corruption noise seed"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    batch_size: int = typer.Option(256, help="evaluation batch size"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Accuracy under the 15 CIFAR-10-C corruptions (generated on the fly); writes RUN/corruptions.{csv,png}."""
+    from layerlab.analysis.corruptions import corruptions_for_run
+
+    try:
+        csv, png = corruptions_for_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
+                                       severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
+                                       checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    typer.echo(f"wrote {csv} and {png}")
+
+
+@app.command()
+def minpert(
+    runs: list[Path] = typer.Option(..., "--runs", help="run directories: --runs DIR1 DIR2 ... (or repeat --runs)"),
+    more: Optional[list[Path]] = typer.Argument(None, help="further run directories", show_default=False),
+    n: int = typer.Option(8, help="number of test images (the first ones every model classifies correctly)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: PARENT_OF_FIRST_RUN/analysis)"),
+    method: str = typer.Option("both", help="both (smaller of FMN and PGD bisection), fmn (bisection as fallback), "
+                               "bisection"),
+    eps_max: float = typer.Option(32.0, help="largest eps (x 1/255) the bisection searches"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Minimum L-inf perturbation flipping each of a few test images, per model; writes minpert.{json,npz,png}."""
+    from layerlab.analysis.minimum import minpert_for_runs
+
+    try:
+        dirs = runs + list(more or [])
+        paths = minpert_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
+                                 checkpoint=checkpoint, device=device, data_dir=data_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    typer.echo(f"wrote {paths['json']} and {paths['png']}")
+
+
+@app.command()
+def attributions(
+    runs: list[Path] = typer.Option(..., "--runs", help="run directories: --runs DIR1 DIR2 ... (or repeat --runs)"),
+    more: Optional[list[Path]] = typer.Argument(None, help="further run directories", show_default=False),
+    n: int = typer.Option(6, help="number of test images (the first ones every model classifies correctly)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: PARENT_OF_FIRST_RUN/analysis)"),
+    ig_steps: int = typer.Option(32, help="integrated-gradients steps"),
+    layer_method: str = typer.Option("lig", help="lig (layer integrated gradients) or gxa (gradient x activation)"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Saliency / integrated-gradients maps and per-block layer attributions; writes attributions.{json,npz,png}."""
+    from layerlab.analysis.attributions import attributions_for_runs
+
+    try:
+        dirs = runs + list(more or [])
+        paths = attributions_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, ig_steps=ig_steps,
+                                      layer_method=layer_method, checkpoint=checkpoint, device=device,
+                                      data_dir=data_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    typer.echo(f"wrote {paths['json']}, {paths['png']} and {paths['blocks_png']}")
+
+
+@app.command()
+def compare(
+    methods: str = typer.Option("st,at,trades,mart,awp,rwp,cure,cure-eff", help="comma-separated methods"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="directory of one run per method + compare.csv"),
+    profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
+    dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, epochs: Optional[int] = EpochsOpt,
+    train_size: Optional[int] = TrainSizeOpt, test_size: Optional[int] = TestSizeOpt, seed: Optional[int] = SeedOpt,
+    st_epochs: Optional[int] = StEpochsOpt, device: Optional[str] = DeviceOpt, overwrite: bool = OverwriteOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Train every method under the same settings (CURE from the ST run) and tabulate natural / PGD-20 / NRR.
+
+    Finished runs are re-used and interrupted ones resumed, so the command can be re-run at any time.
+    """
+    from layerlab.study import run_method_comparison
+
+    try:
+        cfg = _common(profile, model=model, width=width, dataset=dataset, data_dir=data_dir, epochs=epochs,
+                      train_size=train_size, test_size=test_size, seed=seed, device=device)
+        rows = run_method_comparison(cfg, [m.strip() for m in methods.split(",") if m.strip()], out,
+                                     overwrite=overwrite, progress=progress,
+                                     st_epochs=st_epochs or ST_EPOCHS[profile])
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    typer.echo(f"{'method':<12}{'natural':>9}{'PGD-20':>9}{'NRR':>8}{'s/epoch':>9}")
+    for r in rows:
+        typer.echo(f"{r['method']:<12}{r['natural_acc']:>9.2f}{r['robust_acc']:>9.2f}{r['nrr']:>8.2f}"
+                   f"{r['seconds_per_epoch']:>9.1f}")
+    typer.echo(f"wrote {out / 'compare.csv'}")
+
+
+@app.command("cka")
+def cka(
+    run: Path = typer.Option(..., "--run", help="run directory (model A)"),
+    other: Optional[Path] = typer.Option(None, "--other", help="second run directory (model B, same-inputs mode)"),
+    n: int = typer.Option(1000, help="number of test examples"),
+    batch_size: int = typer.Option(100, help="minibatch size of the unbiased HSIC estimator (>= 4)"),
+    mode: Optional[str] = typer.Option(None, help="nat-vs-adv (default without --other) or same-inputs"),
+    adversarial: Optional[bool] = typer.Option(None, "--adversarial/--natural",
+                                               help="same-inputs: PGD inputs crafted on model A, or natural ones"),
+    checkpoint: str = typer.Option("best", help="best or last"),
+    layers: str = typer.Option("blocks", help="blocks, residual-blocks, all-convs, or comma-separated module names"),
+    steps: Optional[int] = typer.Option(None, help="PGD steps (default: the run's eval_steps)"),
+    seed: int = typer.Option(0, help="attack seed"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/cka.json); the PNG goes next to it"),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Linear CKA between layers (natural vs adversarial, or two models); writes cka.json and a heatmap PNG."""
+    from layerlab.analysis.cka import LAYER_SETS, cka_run
+    from layerlab.plots.cka import plot_cka
+
+    layer_spec = layers if layers in LAYER_SETS else [name.strip() for name in layers.split(",") if name.strip()]
+    try:
+        result, path = cka_run(run, other, mode=mode, adversarial=adversarial, n=n, batch_size=batch_size,
+                               checkpoint=checkpoint, layers=layer_spec, steps=steps, seed=seed, device=device,
+                               data_dir=data_dir, out=out, progress=progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    png = plot_cka(path, path.with_suffix(".png"))
+    for name, value in result.diagonal().items():
+        typer.echo(f"{name:<16}{value:>8.3f}")
+    typer.echo(f"wrote {path} and {png} (n={result.n})")
+
+
+plot_app = typer.Typer(help="Figures drawn from a run's result files only (no model is loaded).",
+                       no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("grads")
+def plot_grads_cmd(
+    run: Path = typer.Option(..., "--run", help="run directory (needs layer_stats.jsonl, written by default)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="figure directory (default RUN/figures)"),
+) -> None:
+    """Mean gradient per block over training and percent of weights updated per layer and phase (CURE Fig. 6)."""
+    from layerlab.plots.layer_stats import plot_grads
+
+    try:
+        paths = plot_grads(run, out)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@plot_app.command("curves")
+def plot_curves_cmd(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN...", help="run directories (with metrics.jsonl)"),
+    select_on: str = typer.Option("val", "--select-on", help="pick the best epoch on val or test robust accuracy"),
+    out: Path = typer.Option(Path("curves"), "--out", help="directory for curves.csv, overfitting.csv, curves.png"),
+) -> None:
+    """Robust overfitting: accuracy curves across runs and the best / last / delta table."""
+    from layerlab.analysis.curves import write_curves
+
+    try:
+        paths = write_curves(run_dirs, out, select_on=select_on)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    import pandas as pd
+
+    typer.echo(pd.read_csv(paths["overfitting"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("lsc")
+def lsc_cmd(
+    run: Path = typer.Option(..., "--run", help="run directory (its config gives the data and the attack)"),
+    checkpoints: str = typer.Option("best,last", help="comma-separated: best, last, checkpoint files, run directories"),
+    n: int = typer.Option(1000, help="training examples to attack (seeded subset)"),
+    edges: str = typer.Option("0,0.5,1,1.5,2,2.5,3", help="LSC group edges of the adversarial loss (+ a last >= group)"),
+    mu_min: float = typer.Option(-1.0, help="smallest step along the direction"),
+    mu_max: float = typer.Option(1.0, help="largest step along the direction"),
+    points: int = typer.Option(21, help="grid points from mu-min to mu-max"),
+    directions: int = typer.Option(3, help="random filter-normalized directions to average"),
+    c_min: float = typer.Option(1.7, help="LSC value of the removal-rate view"),
+    attack_steps: int = typer.Option(10, help="PGD steps of the training adversarial examples"),
+    seed: int = typer.Option(0, help="seed of the subset, the attack and the directions"),
+    batch_size: int = typer.Option(256, help="batch size"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: the run directory)"),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Weight-loss landscapes of LSC groups (RWP Fig. 2) -> lsc.csv/png, and removal rates -> removal_rate.csv/png."""
+    from layerlab.analysis.lsc import mu_grid, parse_edges, run_lsc
+
+    try:
+        paths = run_lsc(run, checkpoints.split(","), n=n, edges=parse_edges(edges),
+                        mus=mu_grid(mu_min, mu_max, points), directions=directions, seed=seed, c_min=c_min,
+                        attack_steps=attack_steps, batch_size=batch_size, device=device, data_dir=data_dir, out=out,
+                        progress=progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    for path in paths.values():
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -15,8 +15,13 @@ from torch import nn
 
 from layerlab.models import block_names, num_blocks
 
-# The paper's layer-wise study (CURE Fig. 2b): every single block and the contiguous groups.
-PAPER_SPECS: tuple[str, ...] = ("1", "2", "3", "4", "12", "23", "34", "123", "234")
+
+
+def paper_specs(n_blocks: int = 4) -> list[str]:
+    """The layer-wise study's specs (CURE Fig. 2b): every single block and every contiguous run of 2..N-1
+    residual blocks; for ResNets (N=4) exactly the paper's 1, 2, 3, 4, 12, 23, 34, 123, 234."""
+    digits = "".join(str(i) for i in range(1, n_blocks + 1))
+    return [digits[i:i + k] for k in range(1, max(2, n_blocks)) for i in range(n_blocks - k + 1)]
 
 
 def valid_digits(n_blocks: int) -> list[str]:
@@ -48,7 +53,7 @@ def parse_spec(spec: str, n_blocks: int = 4) -> list[str]:
 
 def parse_specs(specs: str, n_blocks: int = 4) -> list[str]:
     """A comma-separated list of specs, or ``"all"`` for the paper's set; each spec validated."""
-    items = list(PAPER_SPECS) if specs.strip() == "all" else [s.strip() for s in specs.split(",")]
+    items = paper_specs(n_blocks) if specs.strip() == "all" else [s.strip() for s in specs.split(",")]
     for item in items:
         parse_spec(item, n_blocks)
     return items

@@ -12,7 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
 def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Create ``out`` for a new run; refuse to touch an existing run unless told to resume or overwrite."""
     path = Path(out)
-    if path.exists() and any(path.iterdir()) and not resume:
+    # Only files count: a run that failed before writing anything (e.g. data not found) leaves empty dirs.
+    if path.exists() and any(p.is_file() for p in path.rglob("*")) and not resume:
         if not overwrite:
             raise RunDirExistsError(
                 f"run directory {path} already exists; pass --resume to continue it, "
@@ -51,8 +52,8 @@ def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: 
 def _atomic(path: Path, write: Any) -> None:
     """Write through a temporary file in the same directory, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # ``write`` creates the file itself, so it gets the umask's permissions (mkstemp would make it 0600).
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

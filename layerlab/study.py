@@ -61,8 +61,9 @@ def _row(name: str, spec: str, run_dir: Path, summary: dict[str, Any]) -> dict[s
 
 def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: str | None = None,
                      method: str = "at", reinit: bool = True, sat: bool = True, overwrite: bool = False,
-                     progress: bool = True) -> list[dict[str, Any]]:
-    """Train (or re-use) ST, optionally full AT, and one run per update spec; write ``study.csv``."""
+                     progress: bool = True, st_epochs: int | None = None) -> list[dict[str, Any]]:
+    """Train (or re-use) ST (``st_epochs``, default ``cfg.epochs``), optionally full AT, and one run per
+    update spec; write ``study.csv``."""
     out = Path(out)
     with torch.random.fork_rng(devices=[]):  # a throw-away model, only to count blocks: keep the global RNG
         specs = parse_specs(blocks, num_blocks(build_model(cfg.model, width=1 / 64)))
@@ -74,7 +75,7 @@ def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: st
     rows = []
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     if base is None:
-        st = run_or_reuse(cfg.replace(method="st", method_args={}), out / "ST", **common)
+        st = run_or_reuse(cfg.replace(method="st", method_args={}, epochs=st_epochs), out / "ST", **common)
         rows.append(_row("ST", "", out / "ST", st))
         base = str(out / "ST" / "checkpoints" / "best.pt")
     adv = cfg.replace(method=method, method_args={})
@@ -105,7 +106,7 @@ COMPARE_COLUMNS = ("run", "method", "natural_acc", "robust_acc", "nrr", "best_na
 
 
 def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path, *, overwrite: bool = False,
-                          progress: bool = True) -> list[dict[str, Any]]:
+                          progress: bool = True, st_epochs: int | None = None) -> list[dict[str, Any]]:
     """Train (or re-use) one run per method under the same config; CURE starts from the ST run.
 
     Writes ``compare.csv`` (natural / PGD accuracy, NRR, wall time per epoch) into ``out``.
@@ -124,7 +125,9 @@ def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path,
     rows = []
     for name in sorted(order, key=lambda m: m != "st"):
         init = str(out / "st" / "checkpoints" / "best.pt") if name in NEEDS_ST_INIT else None
-        summary = run_or_reuse(cfg.replace(method=name, method_args={}, init=init), out / name, **common)
+        epochs = st_epochs if name == "st" else None
+        summary = run_or_reuse(cfg.replace(method=name, method_args={}, init=init, epochs=epochs), out / name,
+                               **common)
         if name in methods:
             rows.append({"run": name, "method": name, "natural_acc": summary["natural_acc"],
                          "robust_acc": summary["robust_acc"], "nrr": summary["nrr"],

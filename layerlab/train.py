@@ -8,6 +8,7 @@ run's seed, so ``resume`` continues an interrupted run to the same result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,8 +39,14 @@ class Callback:
                        start_epoch: int) -> None:
         """Called once before the first epoch this process trains."""
 
+    def before_step(self, model: nn.Module) -> None:
+        """Called each step before the method's training step starts."""
+
     def after_backward(self, model: nn.Module) -> None:
         """Called each step after gradients (and any mask) exist, before the optimizer step."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called each step after the method's training step returned (weights final, components restored)."""
 
     def on_epoch_end(self, epoch: int, model: nn.Module, run_dir: Path) -> None:
         """Called after an epoch's metrics are written (``epoch`` counts from 1)."""
@@ -166,6 +173,7 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
     generator = _epoch_generator(cfg, epoch, s.device)
     steps_per_epoch = math.ceil(len(s.splits.train) / cfg.batch_size)
     attack = AttackSettings(cfg.eps, cfg.alpha, cfg.attack_steps, cfg.norm)
+    callbacks = list(callbacks)
     hooks = [cb.after_backward for cb in callbacks]
     loss_sum, correct, seen = 0.0, 0, 0
     batches = train_batches(s.splits.train, cfg.batch_size, generator)
@@ -173,8 +181,12 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
                leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         ctx = StepContext(epoch, cfg.epochs, step, steps_per_epoch, attack, generator, hooks)
+        for cb in callbacks:
+            cb.before_step(s.model)
         with _autocast(cfg, s.device):
             out = s.method.train_step(s.model, x, y, s.optimizer, ctx)
+        for cb in callbacks:
+            cb.after_step(s.model)
         loss = float(out.loss.detach())
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
@@ -231,6 +243,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         if saved is not None and saved != cfg:
             cfg = saved  # the run's own config is authoritative when resuming
     s = setup(cfg, splits)
+    if cfg.grad_stats:
+        from layerlab.analysis.layer_stats import (
+            GradStats,  # per-layer gradient statistics (layer_stats.jsonl)
+        )
+
+        if not any(isinstance(cb, GradStats) for cb in callbacks):
+            callbacks.append(GradStats())
     start_epoch, best_score, best_epoch = 0, float("-inf"), 0
     if resume:
         runs.load_weights(s.model, last, source=str(run_dir / "checkpoints" / "last.pt"))
@@ -257,21 +276,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         try:
             stats = train_epoch(s, epoch, callbacks, progress)
         except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}; nothing was saved for this epoch and the last good checkpoint "
-                                   f"is {run_dir / 'checkpoints' / 'last.pt'} (epoch {epoch}); "
+            last_pt = run_dir / "checkpoints" / "last.pt"
+            kept = (f"the last good checkpoint is {last_pt} (epoch {epoch})" if epoch > 0 and last_pt.exists()
+                    else "no checkpoint was saved yet")
+            raise TrainingDiverged(f"{err}; nothing was saved for this epoch and {kept}; "
                                    f"lower --lr or check the data and method settings") from None
         seconds = time.time() - t0
         row = {"epoch": epoch + 1, "lr": lr, **stats, **_eval_epoch(s, epoch), "seconds": seconds,
                "eval_seconds": time.time() - t0 - seconds}
         score = _selection_score(cfg, row)
         meta = _meta(cfg, s, epoch + 1)
+        # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.
+        runs.append_jsonl(run_dir / "metrics.jsonl", row)
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", s.model, meta)
         runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", s.model, meta, optimizer=s.optimizer.state_dict(),
                              method=s.method.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
                              best_score=best_score, best_epoch=best_epoch)
-        runs.append_jsonl(run_dir / "metrics.jsonl", row)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, s.model, run_dir)
         epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
@@ -294,7 +316,8 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> d
         "train_seconds_per_epoch": sum(r["seconds"] for r in metrics) / max(1, len(metrics)),
         "seconds": seconds,
     }
-    best_model = build_run_model(cfg.replace(init=None, update=None), s.splits).to(s.device)
+    # dataclasses.replace, not cfg.replace (which skips None): the best weights need no --init file and no freezing.
+    best_model = build_run_model(dataclasses.replace(cfg, init=None, update=None), s.splits).to(s.device)
     runs.load_weights(best_model, runs.load_checkpoint(run_dir / "checkpoints" / "best.pt"))
     summary["best"] = final_evaluation(s, best_model)
     for name, extra in s.method.extra_models().items():

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from layerlab.methods import objectives
-from layerlab.methods.base import AttackSettings, Component, Method, Objective, Outputs, StepContext  # noqa: F401
+from layerlab.methods import cure, objectives, perturbation
+from layerlab.methods.base import (  # noqa: F401
+    AttackSettings,
+    Component,
+    Method,
+    Objective,
+    Outputs,
+    StepContext,
+)
 
 MethodFactory = Callable[..., Method]
 
 # name -> (factory, one-line description)
-METHODS: dict[str, tuple[MethodFactory, str]] = {**objectives.METHODS}
+METHODS: dict[str, tuple[MethodFactory, str]] = {**objectives.METHODS, **cure.METHODS, **perturbation.METHODS}
 
 # preset name -> (method, method_args, config overrides, description). Hyper-parameters from the papers.
-PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {**objectives.PRESETS}
+PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {**objectives.PRESETS, **cure.PRESETS, **perturbation.PRESETS}
 
 
 def build_method(name: str, args: dict[str, Any] | None = None) -> Method:

@@ -1,0 +1,304 @@
+"""Adversarial weight perturbation as components: AWP (Wu et al., NeurIPS 2020) and RWP (Yu et al., IJCAI 2022).
+
+Both perturb the weights to w + v after the adversarial examples are crafted, take the training
+step at w + v, and restore afterwards by subtracting the very same v (stored between the hooks),
+exactly as the reference codes do (``perturb`` / ``restore`` with ``+gamma`` / ``-gamma``). They
+differ only in how v is built, which one engine (:class:`WeightPerturbation`) covers:
+
+* **AWP** (``csdongxian/AWP``): one ascent step of a proxy copy (SGD, lr 0.01) on the objective's
+  mean adversarial loss, then per layer ``v_l = gamma * ||w_l|| * d_l / ||d_l||`` (``diff_in_weights``).
+* **RWP** (``ChaojianYu/Robust-Weight-Perturbation``, Algorithm 1): up to K2 ascent steps, each on
+  the examples whose adversarial loss at w + v is below ``c_min`` (the Loss Stationary Condition),
+  stopping as soon as none qualifies. The raw ascent steps are accumulated (``d = sum_k lr * g_k``)
+  and v is rescaled onto the sphere ``||v|| = gamma * ||w||`` after every step. As in the
+  reference ``add_into_diff``, that norm is taken over *all* perturbed weights together
+  (``scope="model"``); ``scope="layer"`` rescales each layer instead, like AWP.
+
+Reference details kept: only weight tensors of dimension > 1 (conv / linear) are perturbed; the
+selection is strict (``loss < c_min``), the selected losses are summed and divided by the whole
+batch size (a masked mean; the scale cancels in the rescaling); the perturbation's forward passes
+run in train mode (BatchNorm batch statistics) without touching the model's running statistics (the
+reference uses proxy copies; here the forward passes run on private copies of the buffers with
+:func:`torch.func.functional_call`). The early stop is equivalent to the reference's fixed 10
+iterations: once no example qualifies, v no longer changes, so neither do later iterations.
+
+Frozen parameters (``requires_grad`` False, e.g. under :func:`layerlab.layerwise.apply_update_spec`)
+are never perturbed and do not enter the norms, so frozen blocks stay bit-for-bit frozen.
+v is computed in fp32 (fp64 for fp64 weights), even under autocast, from the proxy step lr * grad
+itself rather than from a difference of weights (the reference's ``(w + lr g) - w`` loses digits),
+and the perturbation draws no random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
+from layerlab.methods.objectives import PGDAT, TRADES
+
+EPS = 1e-20  # the reference codes' guard in ||w|| / (||d|| + EPS)
+SCOPES = ("layer", "model")
+COUNTERS = ("batches", "perturbed_batches", "steps", "qualified_first", "qualified_total", "examples")
+
+
+def perturbable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights AWP/RWP perturb: trainable ``*.weight`` tensors of dimension > 1 (convs, linears)."""
+    return {name: p for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() > 1 and name.rsplit(".", 1)[-1] == "weight"}
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in at least fp32 (fp64 stays fp64): v is never computed in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def rescale(direction: dict[str, Tensor], weights: dict[str, Tensor], gamma: float,
+            scope: str = "layer") -> dict[str, Tensor]:
+    """``gamma * ||w|| / (||d|| + EPS) * d`` in at least fp32, the norms per layer or over all tensors together."""
+    if scope == "layer":
+        return {n: _wide(d) * (gamma * _wide(weights[n].detach()).norm() / (_wide(d).norm() + EPS))
+                for n, d in direction.items()}
+    if scope == "model":
+        w_norm = torch.stack([_wide(weights[n].detach()).norm() for n in direction]).norm()
+        d_norm = torch.stack([_wide(d).norm() for d in direction.values()]).norm()
+        factor = gamma * w_norm / (d_norm + EPS)
+        return {n: _wide(d) * factor for n, d in direction.items()}
+    raise ValueError(f"unknown perturbation scope {scope!r}; choose one of {list(SCOPES)}")
+
+
+def add_(params: dict[str, nn.Parameter], v: dict[str, Tensor]) -> None:
+    """w <- w + v in place (perturb)."""
+    with torch.no_grad():
+        for name, t in v.items():
+            params[name].add_(t)
+
+
+def sub_(params: dict[str, nn.Parameter], v: dict[str, Tensor]) -> None:
+    """w <- w - v in place (restore: subtracts exactly the stored v that was added)."""
+    with torch.no_grad():
+        for name, t in v.items():
+            params[name].sub_(t)
+
+
+class _Substituted(nn.Module):
+    """``model`` called with some tensors substituted (perturbed weights, private buffer copies)."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, Tensor]):
+        super().__init__()
+        self.inner = model
+        self.tensors = tensors
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.inner, self.tensors, (x,))
+
+
+class WeightPerturbation(Component):
+    """Perturb the weights to w + v for the training step and restore them after the optimizer step.
+
+    v ascends the objective's per-example adversarial loss (``Objective.adv_loss``) for up to
+    ``steps`` proxy-SGD steps (lr ``proxy_lr``), on the examples with loss < ``c_min`` (all of them
+    when ``c_min`` is None), and is rescaled to ``||v|| = gamma * ||w||`` per ``scope`` after each
+    step. No perturbation before epoch ``warmup_epochs`` (0-based, as ``epoch >= awp_warmup``).
+    """
+
+    name = "wp"
+
+    def __init__(self, gamma: float, steps: int = 1, c_min: float | None = None, scope: str = "layer",
+                 warmup_epochs: int = 0, proxy_lr: float = 0.01):
+        if gamma < 0 or not math.isfinite(gamma):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        if steps < 1:
+            raise ValueError(f"steps (K2) must be >= 1, got {steps}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown perturbation scope {scope!r}; choose one of {list(SCOPES)}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if proxy_lr <= 0:
+            raise ValueError(f"proxy_lr must be > 0, got {proxy_lr}")
+        self.gamma = float(gamma)
+        self.steps = int(steps)
+        self.c_min = None if c_min is None else float(c_min)
+        self.scope = scope
+        self.warmup_epochs = int(warmup_epochs)
+        self.proxy_lr = float(proxy_lr)
+        self._active: tuple[dict[str, nn.Parameter], dict[str, Tensor]] | None = None
+        self._last: dict[str, int] = {"steps": 0, "qualified": 0}
+        self._epoch: int | None = None
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._totals = dict.fromkeys(COUNTERS, 0)
+
+    # -- building v --------------------------------------------------------------------------------
+
+    def compute(self, model: nn.Module, objective: Objective, x: Tensor, x_adv: Tensor | None,
+                y: Tensor) -> tuple[dict[str, Tensor], int, list[int]]:
+        """(v, ascent steps taken, examples qualifying at each evaluated point); v is {} when no step was taken.
+
+        The model (weights and buffers) is left untouched.
+        """
+        weights = perturbable(model)
+        if not weights or self.gamma == 0:
+            return {}, 0, []
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        batch = len(y)
+        direction: dict[str, Tensor] | None = None
+        v: dict[str, Tensor] = {}
+        qualified: list[int] = []
+        taken = 0
+        for _ in range(self.steps):
+            leaves = {n: (w.detach() + v[n] if v else w.detach()).requires_grad_(True) for n, w in weights.items()}
+            losses = objective.adv_loss(_Substituted(model, {**buffers, **leaves}), x, x_adv, y)
+            if self.c_min is None:
+                loss, count = losses.sum() / batch, batch
+            else:
+                keep = losses.detach() < self.c_min
+                count = int(keep.sum())
+                loss = losses[keep].sum() / batch
+            qualified.append(count)
+            if count == 0:
+                break
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            step = {n: _wide(torch.zeros_like(w) if g is None else self.proxy_lr * _wide(g))
+                    for (n, w), g in zip(weights.items(), grads)}
+            direction = step if direction is None else {n: direction[n] + step[n] for n in step}
+            v = rescale(direction, weights, self.gamma, self.scope)
+            taken += 1
+        return v, taken, qualified
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def before_loss(self, model: nn.Module, objective: Objective, x: Tensor, x_adv: Tensor | None,
+                    y: Tensor, ctx: StepContext) -> None:
+        self._roll_epoch(ctx.epoch)
+        self._active = None
+        steps, qualified = 0, []
+        if ctx.epoch >= self.warmup_epochs:
+            v, steps, qualified = self.compute(model, objective, x, x_adv, y)
+            if v:
+                weights = perturbable(model)
+                v = {n: t.to(weights[n].dtype) for n, t in v.items()}
+                add_(weights, v)
+                self._active = (weights, v)
+        self._record(len(y), steps, qualified)
+
+    def extra_loss(self, model: nn.Module, out: Outputs, x: Tensor, y: Tensor, ctx: StepContext) -> None:
+        """Adds nothing to the loss; records this step's perturbation steps and qualifying examples in ``out.terms``."""
+        device = out.loss.device
+        out.terms[f"{self.name}_steps"] = torch.tensor(float(self._last["steps"]), device=device)
+        out.terms[f"{self.name}_qualified"] = torch.tensor(float(self._last["qualified"]), device=device)
+
+    def after_step(self, model: nn.Module, ctx: StepContext) -> None:
+        if self._active is not None:
+            sub_(*self._active)
+            self._active = None
+
+    @property
+    def active(self) -> dict[str, Tensor] | None:
+        """The v currently added to the weights (between ``before_loss`` and ``after_step``), else None."""
+        return None if self._active is None else self._active[1]
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _roll_epoch(self, epoch: int) -> None:
+        """Reset the per-epoch counters when a new epoch starts."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._counts = dict.fromkeys(COUNTERS, 0)
+
+    def _record(self, batch: int, steps: int, qualified: list[int]) -> None:
+        first = qualified[0] if qualified else 0
+        self._last = {"steps": steps, "qualified": first}
+        row = {"batches": 1, "perturbed_batches": int(steps > 0), "steps": steps, "qualified_first": first,
+               "qualified_total": sum(qualified[:steps]), "examples": batch}
+        for key, value in row.items():
+            self._counts[key] += value
+            self._totals[key] += value
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the current epoch (reset when an epoch starts) and ``total_*`` over the whole run
+        (kept through resume): batches, perturbed batches, ascent steps, examples qualifying at w
+        (``qualified_first``) and summed over the steps taken (``qualified_total``), examples seen."""
+        return {"epoch": self._epoch, **self._counts, **{f"total_{k}": v for k, v in self._totals.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "counts": dict(self._counts), "totals": dict(self._totals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch = state.get("epoch")
+        self._counts = {k: int(state.get("counts", {}).get(k, 0)) for k in COUNTERS}
+        self._totals = {k: int(state.get("totals", {}).get(k, 0)) for k in COUNTERS}
+
+    def hparams(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "steps": self.steps, "c_min": self.c_min, "scope": self.scope,
+                "warmup_epochs": self.warmup_epochs, "proxy_lr": self.proxy_lr}
+
+
+class AWP(WeightPerturbation):
+    """AWP (Wu et al. 2020): one proxy step on the mean adversarial loss, ||v_l|| = gamma ||w_l|| per layer."""
+
+    name = "awp"
+
+    def __init__(self, gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01):
+        super().__init__(gamma, steps=1, c_min=None, scope="layer", warmup_epochs=warmup_epochs, proxy_lr=proxy_lr)
+
+
+class RWP(WeightPerturbation):
+    """RWP (Yu et al. 2022): up to K2 steps on examples with loss < c_min; ||v|| = gamma ||w|| (scope)."""
+
+    name = "rwp"
+
+    def __init__(self, gamma: float = 0.01, c_min: float = 1.7, steps: int = 10, scope: str = "model",
+                 warmup_epochs: int = 0, proxy_lr: float = 0.01):
+        if c_min is None or math.isnan(c_min):
+            raise ValueError(f"c_min must be a number (use inf to perturb on every example), got {c_min}")
+        super().__init__(gamma, steps=steps, c_min=c_min, scope=scope, warmup_epochs=warmup_epochs,
+                         proxy_lr=proxy_lr)
+
+
+def _awp(gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
+    return Method("awp", PGDAT(), [AWP(gamma, warmup_epochs, proxy_lr)])
+
+
+def _trades_awp(beta: float = 6.0, gamma: float = 0.005, warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
+    return Method("trades-awp", TRADES(beta=beta), [AWP(gamma, warmup_epochs, proxy_lr)])
+
+
+def _rwp(gamma: float = 0.01, c_min: float = 1.7, steps: int = 10, scope: str = "model",
+         warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
+    return Method("rwp", PGDAT(), [RWP(gamma, c_min, steps, scope, warmup_epochs, proxy_lr)])
+
+
+def _trades_rwp(beta: float = 6.0, gamma: float = 0.005, c_min: float = 1.7, steps: int = 10,
+                scope: str = "model", warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
+    return Method("trades-rwp", TRADES(beta=beta), [RWP(gamma, c_min, steps, scope, warmup_epochs, proxy_lr)])
+
+
+METHODS = {
+    "awp": (_awp, "AT-AWP (Wu et al. 2020): PGD-AT + adversarial weight perturbation, gamma=0.01"),
+    "at-awp": (_awp, "alias of awp"),
+    "trades-awp": (_trades_awp, "TRADES-AWP (Wu et al. 2020): TRADES beta=6 + AWP gamma=0.005"),
+    "rwp": (_rwp, "AT-RWP (Yu et al. 2022): PGD-AT + robust weight perturbation, gamma=0.01, c_min=1.7, K2=10"),
+    "at-rwp": (_rwp, "alias of rwp"),
+    "trades-rwp": (_trades_rwp, "TRADES-RWP (Yu et al. 2022): TRADES beta=6 + RWP gamma=0.005, c_min=1.7"),
+}
+
+# The TRADES scripts of both reference codes use --awp-warmup 10 on 1-based epochs (perturb when
+# epoch >= 10), i.e. 9 unperturbed epochs: warmup_epochs=9 here (0-based, perturb when epoch >= 9).
+# c_min per data set from the RWP paper (the released SVHN script hard-codes 1.7).
+PRESETS = {
+    "awp-cifar10": ("awp", {"gamma": 0.01}, {}, "AT-AWP, gamma=0.01 (Wu et al. 2020)"),
+    "trades-awp-cifar10": ("trades-awp", {"beta": 6.0, "gamma": 0.005, "warmup_epochs": 9}, {},
+                           "TRADES-AWP, beta=6, gamma=0.005, AWP from the 10th epoch (Wu et al. 2020)"),
+    "rwp-cifar10": ("rwp", {"gamma": 0.01, "c_min": 1.7, "steps": 10}, {}, "AT-RWP, gamma=0.01, c_min=1.7, K2=10"),
+    "rwp-svhn": ("rwp", {"gamma": 0.01, "c_min": 2.2, "steps": 10}, {"dataset": "svhn"},
+                 "AT-RWP on SVHN, gamma=0.01, c_min=2.2, K2=10"),
+    "rwp-cifar100": ("rwp", {"gamma": 0.01, "c_min": 4.0, "steps": 10}, {"dataset": "cifar100"},
+                     "AT-RWP on CIFAR-100, gamma=0.01, c_min=4.0, K2=10"),
+    "trades-rwp-cifar10": ("trades-rwp", {"beta": 6.0, "gamma": 0.005, "c_min": 1.7, "steps": 10,
+                                          "warmup_epochs": 9}, {},
+                           "TRADES-RWP, beta=6, gamma=0.005, c_min=1.7, K2=10, RWP from the 10th epoch"),
+}
