@@ -13,7 +13,6 @@ from layerlab.analysis.curves import (
     load_curves,
     overfitting_table,
     run_labels,
-    write_curves,
 )
 
 

@@ -156,8 +156,8 @@ def test_accumulators_reset_after_each_epoch(tmp_path):
 
 
 def tiny_cfg(**overrides):
-    settings = dict(width=0.0625, epochs=2, train_size=32, test_size=16, val_size=16, eval_size=16, batch_size=16,
-                    attack_steps=1, epoch_eval_steps=0)
+    settings = {"width": 0.0625, "epochs": 2, "train_size": 32, "test_size": 16, "val_size": 16, "eval_size": 16,
+                "batch_size": 16, "attack_steps": 1, "epoch_eval_steps": 0}
     return make_config("smoke", **{**settings, **overrides})
 
 

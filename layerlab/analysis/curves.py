@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -82,7 +82,10 @@ def overfitting_row(label: str, metrics: list[dict], select_on: str = "val") -> 
             best = r
     last = metrics[-1]
     nan = float("nan")
-    get = lambda r, k: float(r[k]) if _finite(r.get(k)) else nan  # noqa: E731
+
+    def get(r: dict, k: str) -> float:
+        return float(r[k]) if _finite(r.get(k)) else nan
+
     row = {"run": label, "selected_on": used, "best_epoch": int(best["epoch"]),
            "best_nat": get(best, "natural_acc"), "best_rob": get(best, "robust_acc"),
            "last_nat": get(last, "natural_acc"), "last_rob": get(last, "robust_acc")}

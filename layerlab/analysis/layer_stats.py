@@ -36,6 +36,14 @@ STATS_FILE = "layer_stats.jsonl"
 PHASES = ("initial", "middle", "final")
 
 
+def _block(param_name: str) -> str:
+    """The model part owning a parameter (``stem``/``blockK``/``head``), else its top-level module name."""
+    try:
+        return block_of_param(param_name)
+    except ValueError:
+        return param_name.split(".")[0]
+
+
 def _module_kind(model: nn.Module, param_name: str) -> str:
     """Class name of the module owning a parameter (``Conv2d``, ``BatchNorm2d``, ``Linear``, ...)."""
     owner, _, _ = param_name.rpartition(".")
@@ -65,7 +73,7 @@ class GradStats(Callback):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.before = [torch.empty_like(p) for p in self.params]
-        self.rows_meta = [{"param": n, "block": block_of_param(n), "module": _module_kind(model, n),
+        self.rows_meta = [{"param": n, "block": _block(n), "module": _module_kind(model, n),
                            "shape": list(p.shape), "numel": p.numel()} for n, p in named]
         self._reset()
         path = Path(run_dir) / self.filename
@@ -80,11 +88,13 @@ class GradStats(Callback):
         self.changed_sum = torch.zeros(len(self.params), dtype=torch.float64, device=device)
         self.steps = 0
 
+    @torch.no_grad()
     def before_step(self, model: nn.Module) -> None:
         """Copy the trainable weights (one fused device copy, no allocation)."""
         if self.params:
             torch._foreach_copy_(self.before, self.params)
 
+    @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
         """Add sum |grad| of every tensor (the gradient after any mask, as the optimizer sees it)."""
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
@@ -97,6 +107,7 @@ class GradStats(Callback):
         else:
             self.grad_sum.index_add_(0, torch.tensor(present, device=sums.device), sums)
 
+    @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Count entries whose value changed across the whole step (weights are final here)."""
         if not self.params:
@@ -127,7 +138,7 @@ class GradStats(Callback):
             fh.write("".join(runs.dumps_line(r) for r in self.epoch_rows))
 
 
-def read_layer_stats(path: str | Path) -> "Any":
+def read_layer_stats(path: str | Path) -> Any:
     """``layer_stats.jsonl`` (a run directory or the file) as a pandas DataFrame."""
     import pandas as pd
 
@@ -140,7 +151,7 @@ def read_layer_stats(path: str | Path) -> "Any":
     return pd.DataFrame(rows)
 
 
-def block_gradients(stats) -> "Any":
+def block_gradients(stats) -> Any:
     """Mean |grad| per (epoch, block), weighting each tensor by its number of entries."""
     df = stats.assign(weighted=stats["grad_mean_abs"] * stats["numel"])
     out = df.groupby(["epoch", "block"], sort=False)[["weighted", "numel"]].sum().reset_index()
@@ -158,7 +169,7 @@ def phase_of_epochs(epochs: list[int]) -> dict[int, str]:
     return {e: PHASES[2 * i] for i, e in enumerate(ordered)}
 
 
-def updated_by_phase(stats, weights_only: bool = True) -> "Any":
+def updated_by_phase(stats, weights_only: bool = True) -> Any:
     """Mean updated fraction (percent) per layer and training phase; layers = conv/linear weights by default."""
     df = stats
     if weights_only:

@@ -22,11 +22,12 @@ callback, passed to :func:`layerlab.train.train` (``callbacks=[lsc_checkpoints(e
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ class EpochCheckpoints(Callback):
             raise ValueError("lsc_checkpoints needs epochs=[...] or every=N")
         if every is not None and every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.epochs = set(int(e) for e in epochs or ())
+        self.epochs = {int(e) for e in epochs or ()}
         self.every = every
 
     def wanted(self, epoch: int) -> bool:
@@ -119,7 +120,7 @@ def parse_edges(text: str | Sequence[float]) -> tuple[float, ...]:
         raise ValueError(f"need at least one finite edge, got {text!r}")
     if not math.isinf(values[-1]):
         values.append(math.inf)
-    if any(b <= a for a, b in zip(values, values[1:])):
+    if any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"group edges must increase strictly, got {values}")
     return tuple(values)
 
@@ -312,7 +313,8 @@ def run_lsc(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), 
     mus = list(mus) if mus is not None else mu_grid()
     edges = parse_edges(edges)
     x, y, cfg = training_subset(run_dir, n, seed, dev, data_dir)
-    attack = dict(eps=cfg.eps, alpha=cfg.alpha, steps=attack_steps, norm=cfg.norm, seed=seed, batch_size=batch_size)
+    attack = {"eps": cfg.eps, "alpha": cfg.alpha, "steps": attack_steps, "norm": cfg.norm, "seed": seed,
+              "batch_size": batch_size}
     targets = resolve_checkpoints(run_dir, checkpoints)
     lsc, removal = [], []
     for label, path in tqdm(targets, desc="checkpoints", disable=not progress, dynamic_ncols=True):
