@@ -24,6 +24,12 @@ STUDY_COLUMNS = ("run", "spec", "method", "reinit", "natural_acc", "robust_acc",
                  "trainable", "best_epoch", "seconds", "dir")
 
 
+def method_run_name(method: str) -> str:
+    """Directory name of a method's run (``ST``, ``AT``, ``CURE``, ...): the freeze study and the method
+    comparison share one run root, so both find the same ST and AT runs."""
+    return method.upper()
+
+
 def spec_run_name(spec: str, reinit: bool) -> str:
     """Directory name of a U-spec run: ``U-23`` (re-initialized) or ``U-23-noreinit`` (fine-tuned)."""
     return f"U-{spec}" + ("" if reinit else "-noreinit")
@@ -75,12 +81,14 @@ def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: st
     rows = []
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     if base is None:
-        st = run_or_reuse(cfg.replace(method="st", method_args={}, epochs=st_epochs), out / "ST", **common)
+        st = run_or_reuse(cfg.replace(method="st", method_args={}, epochs=st_epochs), out / method_run_name("st"),
+                          **common)
         rows.append(_row("ST", "", out / "ST", st))
         base = str(out / "ST" / "checkpoints" / "best.pt")
     adv = cfg.replace(method=method, method_args={})
     if sat:
-        rows.append(_row("AT", "all", out / "AT", run_or_reuse(adv, out / "AT", **common)))
+        name = method_run_name(method)
+        rows.append(_row(name, "all", out / name, run_or_reuse(adv, out / name, **common)))
     for spec in specs:
         name = spec_run_name(spec, reinit)
         spec_cfg = adv.replace(init=str(base), update=spec, reinit=reinit)
@@ -124,17 +132,17 @@ def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path,
     order = (["st"] if any(m in NEEDS_ST_INIT for m in methods) and "st" not in methods else []) + list(methods)
     rows = []
     for name in sorted(order, key=lambda m: m != "st"):
-        init = str(out / "st" / "checkpoints" / "best.pt") if name in NEEDS_ST_INIT else None
+        init = str(out / method_run_name("st") / "checkpoints" / "best.pt") if name in NEEDS_ST_INIT else None
         epochs = st_epochs if name == "st" else None
-        summary = run_or_reuse(cfg.replace(method=name, method_args={}, init=init, epochs=epochs), out / name,
-                               **common)
+        run_dir = out / method_run_name(name)
+        summary = run_or_reuse(cfg.replace(method=name, method_args={}, init=init, epochs=epochs), run_dir, **common)
         if name in methods:
-            rows.append({"run": name, "method": name, "natural_acc": summary["natural_acc"],
+            rows.append({"run": run_dir.name, "method": name, "natural_acc": summary["natural_acc"],
                          "robust_acc": summary["robust_acc"], "nrr": summary["nrr"],
                          "best_natural_acc": summary["best"]["natural_acc"],
                          "best_robust_acc": summary["best"]["robust_acc"],
                          "seconds_per_epoch": summary["train_seconds_per_epoch"], "epochs": summary["epochs"],
-                         "dir": str(out / name)})
+                         "dir": str(run_dir)})
     _write_csv(out / "compare.csv", rows, COMPARE_COLUMNS)
     return rows
 
