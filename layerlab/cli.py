@@ -396,7 +396,8 @@ def presets() -> None:
         typer.echo(f"  {name:<14}{doc}")
     typer.echo("presets:")
     for name, (method, args, overrides, doc) in PRESETS.items():
-        typer.echo(f"  {name:<26}{method:<10}{doc}; {args}{'; ' + str(overrides) if overrides else ''}")
+        typer.echo(f"  {name:<30} {method:<11} {doc}\n{'':<46}args {args}"
+                   f"{'; config ' + str(overrides) if overrides else ''}")
 
 
 def main() -> None:
