@@ -230,8 +230,12 @@ def _autoattack(model: nn.Module, settings: dict[str, Any], seed: int, device: t
 
 
 def attack_batch(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any],
-                 generator: torch.Generator | None = None) -> Tensor:
-    """Adversarial examples for one batch under ``settings`` (natural returns x itself)."""
+                 generator: torch.Generator | None = None, batch_size: int | None = None) -> Tensor:
+    """Adversarial examples for one batch under ``settings`` (natural returns x itself).
+
+    AutoAttack takes all examples at once and batches them itself (``batch_size``), because it
+    runs each later attack only on the examples the earlier ones did not break.
+    """
     name = settings["name"]
     if name == "natural":
         return x
@@ -240,7 +244,8 @@ def attack_batch(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any
     if name in ("aa", "aa-l2"):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)) if generator else 0
         with eval_mode(model):
-            x_adv, _ = _autoattack(model, settings, seed, x.device).run_standard_evaluation(x, y, batch_size=len(x))
+            x_adv, _ = _autoattack(model, settings, seed, x.device).run_standard_evaluation(
+                x, y, batch_size=batch_size or len(x))
         return x_adv.detach()
     return pgd(model, x, y, eps=settings["eps"], alpha=settings["alpha"], steps=settings["steps"],
                norm=settings["norm"], restarts=settings["restarts"], loss=settings.get("loss", "ce"),
@@ -257,7 +262,7 @@ def correct_under(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, An
     with eval_mode(model), monitor.watch():
         for start in range(0, len(x), max(1, step)):
             xb, yb = x[start:start + step], y[start:start + step]
-            x_adv = attack_batch(model, xb, yb, settings, generator)
+            x_adv = attack_batch(model, xb, yb, settings, generator, batch_size)
             bounds = merge_bounds(bounds, check_bounds(xb, x_adv, settings["eps"], settings["norm"]))
             with torch.no_grad():
                 masks.append(model(x_adv).argmax(1) == yb)
@@ -390,7 +395,6 @@ def evaluate_run(run_dir: str | Path, attacks: list[str], *, checkpoint: str = "
     """
     model, cfg, splits = load_run(run_dir, checkpoint, device, data_dir)
     x, y = first_examples(splits.test, n)
-    torch.manual_seed(seed)  # attacks that draw from the global generator (AutoAttack) are repeatable
     report = evaluate_model(model, x, y, attacks, eps=cfg.eps, sweep_255=sweep_255, batch_size=batch_size,
                             seed=seed, progress=progress)
     header = {"run": str(run_dir), "checkpoint": checkpoint, "n": len(y), "seed": seed, "dataset": splits.name,

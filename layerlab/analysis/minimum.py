@@ -35,7 +35,10 @@ def linf(x: Tensor, x_adv: Tensor) -> Tensor:
 
 
 def pgd_at(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, *, steps: int = 50) -> Tensor:
-    """Deterministic L-inf PGD on the CW margin with a per-example eps (step 2.5 eps / steps, start at x)."""
+    """Deterministic L-inf PGD on the CW margin with a per-example eps (step 2.5 eps / steps, start at x).
+
+    ``eps`` is a length-N tensor; pgd_perturb's L-inf projection and step broadcast it per example.
+    """
     view = eps.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     with eval_mode(model):
         num_classes = model(x[:1]).shape[1]

@@ -42,7 +42,7 @@ def plot_corruptions(csv: str | Path, out: str | Path, title: str | None = None)
         ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("accuracy (%)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     return save(fig, out)
 
 
