@@ -36,7 +36,8 @@ AmpOpt = typer.Option(None, "--amp/--no-amp", help="bf16 autocast")
 OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
-StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default per profile {ST_EPOCHS}")
+StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
+                                         f"profile {ST_EPOCHS}")
 
 
 def _fail(err: Exception) -> None:
@@ -75,7 +76,8 @@ def train(
     amp: Optional[bool] = AmpOpt, overwrite: bool = OverwriteOpt, resume: bool = ResumeOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Train one model with one method and write its run directory."""
+    """Train one model with one method and write its run directory (on several GPUs under torchrun)."""
+    from layerlab import distributed
     from layerlab import train as trainer
     from layerlab.methods import resolve_method
 
@@ -87,10 +89,13 @@ def train(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, train_size=train_size,
             test_size=test_size, val_size=val_size, attack_steps=attack_steps, eval_steps=eval_steps, seed=seed,
             device=device, amp=amp)
-        summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+        with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
+            main = distributed.is_main()
+            summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
-    _print_summary(summary)
+    if main:
+        _print_summary(summary)
 
 
 @app.command("freeze-study")
@@ -109,11 +114,15 @@ def freeze_study(
     attack_steps: Optional[int] = AttackStepsOpt, eval_steps: Optional[int] = EvalStepsOpt,
     st_epochs: Optional[int] = StEpochsOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
     overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: after ST, train the independent "
+                                       "runs in parallel, one subprocess per GPU (logs in OUT/logs; not with torchrun)"),
 ) -> None:
     """CURE's layer-wise study: train ST, then adversarially train only the chosen blocks of it.
 
-    Finished runs in the study directory are re-used; interrupted ones are resumed.
+    Finished runs in the study directory are re-used; interrupted ones are resumed. Under torchrun every
+    run uses all GPUs together; with --gpus independent runs train side by side, one per GPU.
     """
+    from layerlab import distributed
     from layerlab.study import run_freeze_study
 
     try:
@@ -121,10 +130,15 @@ def freeze_study(
                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       train_size=train_size, test_size=test_size, val_size=val_size, attack_steps=attack_steps,
                       eval_steps=eval_steps, seed=seed, device=device)
-        rows = run_freeze_study(cfg, blocks, out, base=base, method=method, reinit=reinit, sat=sat,
-                                overwrite=overwrite, progress=progress, st_epochs=st_epochs or ST_EPOCHS[profile])
+        with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
+            main = distributed.is_main()
+            rows = run_freeze_study(cfg, blocks, out, base=base, method=method, reinit=reinit, sat=sat,
+                                    overwrite=overwrite, progress=progress, st_epochs=st_epochs or epochs or ST_EPOCHS[profile],
+                                    gpus=distributed.parse_gpus(gpus) if gpus is not None else None)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
+    if not main:
+        return
     typer.echo(f"{'run':<12}{'natural':>9}{'PGD-20':>9}{'NRR':>8}{'trainable':>12}{'seconds':>9}")
     for r in rows:
         typer.echo(f"{r['run']:<12}{r['natural_acc']:>9.2f}{r['robust_acc']:>9.2f}{r['nrr']:>8.2f}"
@@ -268,7 +282,7 @@ def compare(
                       train_size=train_size, test_size=test_size, seed=seed, device=device)
         rows = run_method_comparison(cfg, [m.strip() for m in methods.split(",") if m.strip()], out,
                                      overwrite=overwrite, progress=progress,
-                                     st_epochs=st_epochs or ST_EPOCHS[profile])
+                                     st_epochs=st_epochs or epochs or ST_EPOCHS[profile])
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"{'method':<12}{'natural':>9}{'PGD-20':>9}{'NRR':>8}{'s/epoch':>9}")
