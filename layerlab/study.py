@@ -3,17 +3,24 @@
 The study directory holds one run directory per model (``ST/``, ``AT/``, ``U-23/``, ...) and
 ``study.csv``. Finished runs are re-used, interrupted ones resumed, so the job can be
 stopped and restarted at any time.
+
+Under torchrun every run is trained by all processes together (rank 0 decides whether a run is
+re-used, resumed or trained, and writes the CSV files). With ``gpus`` the independent runs are
+instead trained side by side, one subprocess per GPU (``python -m layerlab.study`` trains one run).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layerlab import runs
+from layerlab import distributed, runs
 from layerlab.config import TrainConfig
 from layerlab.data import load_splits
 from layerlab.layerwise import parse_specs
@@ -41,8 +48,8 @@ def _changed(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in want.items() if saved.get(k) != v]
 
 
-def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: bool, splits=None) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``, re-use it when finished with the same config, resume it when interrupted."""
+def _plan(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[str, Any]:
+    """What to do with ``run_dir``: ("reuse", summary), ("resume", None) or ("train", overwrite flag)."""
     config_path = run_dir / "config.json"
     if config_path.exists() and not overwrite:
         diff = _changed(runs.read_json(config_path)["config"], cfg)
@@ -50,10 +57,21 @@ def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: 
             raise FileExistsError(f"{run_dir} was trained with other settings ({'; '.join(diff[:3])}); "
                                   f"pass --overwrite or choose another --out")
         if (run_dir / "summary.json").exists():
-            return runs.read_json(run_dir / "summary.json")
+            return "reuse", runs.read_json(run_dir / "summary.json")
         if (run_dir / "checkpoints" / "last.pt").exists():
-            return train(cfg, run_dir, resume=True, progress=progress, splits=splits)
-    return train(cfg, run_dir, overwrite=overwrite or config_path.exists(), progress=progress, splits=splits)
+            return "resume", None
+    return "train", overwrite or config_path.exists()
+
+
+def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: bool, splits=None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``, re-use it when finished with the same config, resume it when interrupted
+    (under torchrun rank 0 looks at the directory and every rank follows its decision)."""
+    action, value = distributed.on_main(lambda: _plan(cfg, run_dir, overwrite))
+    if action == "reuse":
+        return value
+    if action == "resume":
+        return train(cfg, run_dir, resume=True, progress=progress, splits=splits)
+    return train(cfg, run_dir, overwrite=value, progress=progress, splits=splits)
 
 
 def _row(name: str, spec: str, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -65,34 +83,71 @@ def _row(name: str, spec: str, run_dir: Path, summary: dict[str, Any]) -> dict[s
             "best_epoch": summary["best_epoch"], "seconds": summary["seconds"], "dir": str(run_dir)}
 
 
+StudyRun = tuple[str, str, TrainConfig]  # (run name, spec, config)
+
+
 def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: str | None = None,
                      method: str = "at", reinit: bool = True, sat: bool = True, overwrite: bool = False,
-                     progress: bool = True, st_epochs: int | None = None) -> list[dict[str, Any]]:
+                     progress: bool = True, st_epochs: int | None = None,
+                     gpus: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Train (or re-use) ST (``st_epochs``, default ``cfg.epochs``), optionally full AT, and one run per
-    update spec; write ``study.csv``."""
+    update spec; write ``study.csv``. ``gpus`` (e.g. ``[0, 1]``) trains ST first, then the independent
+    AT and U-spec runs in parallel subprocesses, one per listed GPU (:func:`study_on_gpus`)."""
     out = Path(out)
     with torch.random.fork_rng(devices=[]):  # a throw-away model, only to count blocks: keep the global RNG
         specs = parse_specs(blocks, num_blocks(build_model(cfg.model, width=1 / 64)))
     if base is not None:
         runs.load_checkpoint(base)  # fail now on a bad checkpoint, before any training
+    first: list[StudyRun] = []
+    if base is None:
+        first.append(("ST", "", cfg.replace(method="st", method_args={}, epochs=st_epochs)))
+        base = str(out / method_run_name("st") / "checkpoints" / "best.pt")
+    adv = cfg.replace(method=method, method_args={})
+    rest: list[StudyRun] = [(method_run_name(method), "all", adv)] if sat else []
+    rest += [(spec_run_name(spec, reinit), spec, adv.replace(init=str(base), update=spec, reinit=reinit))
+             for spec in specs]
+    if gpus:
+        return study_on_gpus([first, rest], out, gpus, overwrite=overwrite)
     splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
                          test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
                          device=resolve_device(cfg.device))
-    rows = []
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
-    if base is None:
-        st = run_or_reuse(cfg.replace(method="st", method_args={}, epochs=st_epochs), out / method_run_name("st"),
-                          **common)
-        rows.append(_row("ST", "", out / "ST", st))
-        base = str(out / "ST" / "checkpoints" / "best.pt")
-    adv = cfg.replace(method=method, method_args={})
-    if sat:
-        name = method_run_name(method)
-        rows.append(_row(name, "all", out / name, run_or_reuse(adv, out / name, **common)))
-    for spec in specs:
-        name = spec_run_name(spec, reinit)
-        spec_cfg = adv.replace(init=str(base), update=spec, reinit=reinit)
-        rows.append(_row(name, spec, out / name, run_or_reuse(spec_cfg, out / name, **common)))
+    rows = [_row(name, spec, out / name, run_or_reuse(run_cfg, out / name, **common))
+            for name, spec, run_cfg in first + rest]
+    distributed.on_main(lambda: write_study_csv(out / "study.csv", rows))
+    return rows
+
+
+def _run_command(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> list[str]:
+    """The command line of a subprocess that trains (or re-uses, or resumes) one run: see :func:`main`."""
+    return ([sys.executable, "-m", "layerlab.study", "--config", json.dumps(cfg.to_dict()), "--out", str(run_dir)]
+            + (["--overwrite"] if overwrite else []))
+
+
+def study_on_gpus(stages: Sequence[Sequence[StudyRun]], out: Path, gpus: Sequence[int], *,
+                  overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train each stage's runs side by side, one subprocess per GPU (``CUDA_VISIBLE_DEVICES``), a stage
+    after the previous one finished (the U-spec runs start from ST); output goes to ``out/logs/RUN.log``.
+
+    Runs are re-used or resumed as in the sequential study; when some fail, the others still finish, the
+    finished ones enter ``study.csv`` and the error names the failed runs' logs.
+    """
+    distributed.check_gpus(gpus)
+    devices = {run_cfg.device for stage in stages for _, _, run_cfg in stage}
+    if not devices <= {"auto", "cuda"}:
+        raise ValueError(f"--gpus gives every run its own GPU; leave --device at auto (got {sorted(devices)})")
+    rows: list[dict[str, Any]] = []
+    for stage in stages:
+        jobs = [distributed.Job(name, _run_command(run_cfg, out / name, overwrite), out / "logs" / f"{name}.log")
+                for name, _, run_cfg in stage]
+        codes = distributed.run_on_devices(jobs, [str(g) for g in gpus])
+        rows += [_row(name, spec, out / name, runs.read_json(out / name / "summary.json"))
+                 for name, spec, _ in stage if codes[name] == 0]
+        failed = [job for job in jobs if codes[job.name] != 0]
+        if failed:
+            if rows:
+                write_study_csv(out / "study.csv", rows)
+            raise RuntimeError("training failed for " + ", ".join(f"{j.name} (log: {j.log})" for j in failed))
     write_study_csv(out / "study.csv", rows)
     return rows
 
@@ -143,7 +198,7 @@ def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path,
                          "best_robust_acc": summary["best"]["robust_acc"],
                          "seconds_per_epoch": summary["train_seconds_per_epoch"], "epochs": summary["epochs"],
                          "dir": str(run_dir)})
-    _write_csv(out / "compare.csv", rows, COMPARE_COLUMNS)
+    distributed.on_main(lambda: _write_csv(out / "compare.csv", rows, COMPARE_COLUMNS))
     return rows
 
 
@@ -156,3 +211,22 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m layerlab.study --config JSON --out DIR [--overwrite]``: train, re-use or resume one run
+    (what every ``freeze-study --gpus`` subprocess runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m layerlab.study", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="the run's TrainConfig as a JSON object")
+    parser.add_argument("--out", required=True, type=Path, help="the run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run trained with other settings")
+    args = parser.parse_args(argv)
+    summary = run_or_reuse(TrainConfig.from_dict(json.loads(args.config)), args.out, overwrite=args.overwrite,
+                           progress=False)
+    print(f"{args.out.name}: natural {summary['natural_acc']:.2f}%  robust {summary['robust_acc']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from layerlab import runs
+from layerlab import distributed, runs
 from layerlab.attacks import eval_mode, pgd
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits, eval_batches, load_splits, train_batches
@@ -53,10 +54,10 @@ class Callback:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
+    """``auto`` picks CUDA when present, else CPU; under torchrun ``cuda`` is this process's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.local_device(torch.device(name))
 
 
 def nrr(natural: float, robust: float) -> float:
@@ -115,6 +116,10 @@ class Setup:
     method: Method
     optimizer: torch.optim.Optimizer
     device: torch.device
+    # What the training steps call: DDP(model) under torchrun and/or torch.compile(...) when cfg.compile, else
+    # None (= model). ``model`` stays the plain module, so checkpoints, evaluation and callbacks see unprefixed
+    # parameter names.
+    step_model: nn.Module | None = None
 
 
 def build_run_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
@@ -139,13 +144,25 @@ def setup(cfg: TrainConfig, splits: Splits | None = None) -> Setup:
     model = build_run_model(cfg, splits).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if distributed.active():
+        distributed.per_rank_batch(cfg.batch_size, len(splits.train))  # fail now when the batch does not split
+        if device.type == "cuda":
+            distributed.sync_batchnorm(model)  # global-batch statistics, as on one process (CPU: per rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN time and pick the fastest kernels
     method = build_method(cfg.method, cfg.method_args)
     method.setup(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: the update spec freezes the whole model")
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return Setup(cfg, splits, model, method, optimizer, device)
+    step_model = distributed.wrap(model, device) if distributed.active() else None  # DDP averages gradients
+    if cfg.compile:
+        # CURE's RGP mask backpropagates twice through one graph (retain_graph=True), which compiled backward
+        # graphs refuse when they donate their saved buffers.
+        torch._functorch.config.donated_buffer = False
+        step_model = torch.compile(model if step_model is None else step_model)  # shares parameters and buffers
+    return Setup(cfg, splits, model, method, optimizer, device, step_model)
 
 
 def _meta(cfg: TrainConfig, s: Setup, epoch: int) -> dict[str, Any]:
@@ -167,16 +184,34 @@ def _epoch_generator(cfg: TrainConfig, epoch: int, device: torch.device) -> torc
     return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch)
 
 
+def _global_step_stats(loss: float, correct: int, n: int, device: torch.device) -> tuple[float, int, int]:
+    """(mean loss, correct, examples) of the whole global batch from every rank's share."""
+    totals = torch.tensor([loss * n, correct, n], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum_([totals])
+    loss_sum, correct_all, n_all = totals.tolist()
+    return loss_sum / n_all, round(correct_all), round(n_all)
+
+
 def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progress: bool = True) -> dict[str, float]:
-    """One epoch of the method's steps; returns mean loss and accuracy. Stops on a NaN/inf loss."""
+    """One epoch of the method's steps; returns mean loss and accuracy. Stops on a NaN/inf loss.
+
+    Under torchrun every rank trains on its shard of each global batch of ``cfg.batch_size`` examples
+    (incomplete global batches are dropped, so all ranks take the same steps); the epoch generator is
+    seeded identically on every rank and shuffling/augmentation draw for the global batch, so the ranks'
+    random streams stay identical. Loss and accuracy are those of the global batches.
+    """
     cfg = s.cfg
     generator = _epoch_generator(cfg, epoch, s.device)
-    steps_per_epoch = math.ceil(len(s.splits.train) / cfg.batch_size)
+    world = distributed.world_size()
+    per_rank = distributed.per_rank_batch(cfg.batch_size, len(s.splits.train))
+    steps_per_epoch = (math.ceil(len(s.splits.train) / cfg.batch_size) if world == 1
+                       else len(s.splits.train) // cfg.batch_size)
     attack = AttackSettings(cfg.eps, cfg.alpha, cfg.attack_steps, cfg.norm)
     callbacks = list(callbacks)
     hooks = [cb.after_backward for cb in callbacks]
     loss_sum, correct, seen = 0.0, 0, 0
-    batches = train_batches(s.splits.train, cfg.batch_size, generator)
+    batches = train_batches(s.splits.train, per_rank, generator, drop_last=world > 1, rank=distributed.rank(),
+                            world_size=world)
     bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
@@ -184,15 +219,18 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
         for cb in callbacks:
             cb.before_step(s.model)
         with _autocast(cfg, s.device):
-            out = s.method.train_step(s.model, x, y, s.optimizer, ctx)
+            out = s.method.train_step(s.model if s.step_model is None else s.step_model, x, y, s.optimizer, ctx)
         for cb in callbacks:
             cb.after_step(s.model)
         loss = float(out.loss.detach())
+        hits, n = int((out.logits.detach().argmax(1) == y).sum()), len(y)
+        if world > 1:  # every rank sees the global batch's numbers, so all stop together on a NaN
+            loss, hits, n = _global_step_stats(loss, hits, n, s.device)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-        loss_sum += loss * len(y)
-        correct += int((out.logits.detach().argmax(1) == y).sum())
-        seen += len(y)
+        loss_sum += loss * n
+        correct += hits
+        seen += n
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
     return {"train_loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen)}
 
@@ -234,16 +272,22 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
 
     ``resume`` continues from ``checkpoints/last.pt``; ``stop_after`` ends this call after that
     many completed epochs (to test or split long runs); an existing run needs ``overwrite``.
+
+    Under torchrun (:mod:`layerlab.distributed`) every rank trains; rank 0 alone writes the run directory,
+    evaluates, runs the callbacks and shows progress, while the others wait; every rank returns rank 0's
+    summary. All ranks read ``last.pt`` to resume (``out`` must be on a file system they share).
     """
-    run_dir = runs.prepare_run_dir(out, overwrite=overwrite, resume=resume)
-    callbacks = list(callbacks)
+    main = distributed.is_main()
+    run_dir = distributed.on_main(lambda: runs.prepare_run_dir(out, overwrite=overwrite, resume=resume))
+    callbacks = list(callbacks) if main else []
+    progress = progress and main
     if resume:
         last = runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")
         saved = TrainConfig.from_dict(last["config"]) if "config" in last else None
         if saved is not None and saved != cfg:
             cfg = saved  # the run's own config is authoritative when resuming
     s = setup(cfg, splits)
-    if cfg.grad_stats:
+    if cfg.grad_stats and main:
         from layerlab.analysis.layer_stats import (
             GradStats,  # per-layer gradient statistics (layer_stats.jsonl)
         )
@@ -256,14 +300,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         s.optimizer.load_state_dict(last["optimizer"])
         s.method.load_state_dict(last.get("method", {}))
         start_epoch, best_score, best_epoch = int(last["epoch"]), float(last["best_score"]), int(last["best_epoch"])
-        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= start_epoch]
-        (run_dir / "metrics.jsonl").write_text("".join(runs.dumps_line(r) for r in kept))
-    else:
-        runs.write_json(run_dir / "config.json", {"config": cfg.to_dict(), "environment": runs.environment(),
-                                                  "method_hparams": s.method.hparams(),
-                                                  "blocks": [vars(r) for r in block_report(s.model)]})
-    for cb in callbacks:
-        cb.on_train_start(s.model, s.method, run_dir, cfg, start_epoch)
+    distributed.on_main(lambda: _start_files(s, run_dir, resume, start_epoch, callbacks))
     t_run = time.time()
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     epochs_bar = tqdm(range(start_epoch, end_epoch), desc=f"{cfg.method} {run_dir.name}", disable=not progress,
@@ -282,24 +319,49 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
             raise TrainingDiverged(f"{err}; nothing was saved for this epoch and {kept}; "
                                    f"lower --lr or check the data and method settings") from None
         seconds = time.time() - t0
-        row = {"epoch": epoch + 1, "lr": lr, **stats, **_eval_epoch(s, epoch), "seconds": seconds,
-               "eval_seconds": time.time() - t0 - seconds}
-        score = _selection_score(cfg, row)
-        meta = _meta(cfg, s, epoch + 1)
-        # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.
-        runs.append_jsonl(run_dir / "metrics.jsonl", row)
-        if score > best_score:
-            best_score, best_epoch = score, epoch + 1
-            runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", s.model, meta)
-        runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", s.model, meta, optimizer=s.optimizer.state_dict(),
-                             method=s.method.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
-                             best_score=best_score, best_epoch=best_epoch)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch + 1, s.model, run_dir)
+        # Rank 0 evaluates and writes while the other ranks wait for its result (or its error).
+        row, best_score, best_epoch = distributed.on_main(functools.partial(
+            _end_epoch, s, run_dir, epoch, lr, stats, t0, seconds, best_score, best_epoch, callbacks))
         epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
     if end_epoch < cfg.epochs:
         return {"stopped_after": end_epoch, "run_dir": str(run_dir)}
-    return write_summary(s, run_dir, best_epoch, time.time() - t_run)
+    return distributed.on_main(lambda: write_summary(s, run_dir, best_epoch, time.time() - t_run))
+
+
+def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callbacks: list[Callback]) -> None:
+    """Write config.json (or drop metrics rows of epochs a resumed run redoes) and start the callbacks."""
+    if resume:
+        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= start_epoch]
+        (run_dir / "metrics.jsonl").write_text("".join(runs.dumps_line(r) for r in kept))
+    else:
+        runs.write_json(run_dir / "config.json", {"config": s.cfg.to_dict(), "environment": runs.environment(),
+                                                  "method_hparams": s.method.hparams(),
+                                                  "blocks": [vars(r) for r in block_report(s.model)]})
+    for cb in callbacks:
+        cb.on_train_start(s.model, s.method, run_dir, s.cfg, start_epoch)
+
+
+def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, float], t0: float, seconds: float,
+               best_score: float, best_epoch: int,
+               callbacks: list[Callback]) -> tuple[dict[str, Any], float, int]:
+    """Evaluate, append the metrics row, save best/last checkpoints, run the callbacks; returns
+    (row, best score, best epoch)."""
+    cfg = s.cfg
+    row = {"epoch": epoch + 1, "lr": lr, **stats, **_eval_epoch(s, epoch), "seconds": seconds,
+           "eval_seconds": time.time() - t0 - seconds}
+    score = _selection_score(cfg, row)
+    meta = _meta(cfg, s, epoch + 1)
+    # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.
+    runs.append_jsonl(run_dir / "metrics.jsonl", row)
+    if score > best_score:
+        best_score, best_epoch = score, epoch + 1
+        runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", s.model, meta)
+    runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", s.model, meta, optimizer=s.optimizer.state_dict(),
+                         method=s.method.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
+                         best_score=best_score, best_epoch=best_epoch)
+    for cb in callbacks:
+        cb.on_epoch_end(epoch + 1, s.model, run_dir)
+    return row, best_score, best_epoch
 
 
 def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> dict[str, Any]:

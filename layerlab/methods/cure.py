@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layerlab import distributed
 from layerlab.attacks import ce_loss, eval_mode, kl_loss, pgd_perturb
 from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
 from layerlab.methods.objectives import trades_kl
@@ -152,6 +153,10 @@ class RGPMask(Component):
     move an entry with a zero gradient. Masked entries therefore do not change at all in that step (their
     momentum buffers still accumulate the weight-decay term, as for any entry with a zero gradient).
 
+    Under DDP the two ``autograd.grad`` gradients are not reduced by DDP, so they are averaged over the
+    ranks here before RGP is computed: every rank then ranks the global batch's gradients and masks the
+    same entries (the total loss's gradients are averaged by DDP in ``loss.backward()``).
+
     ``mask_scope``: "conv" (default: every convolution weight incl. stem and shortcuts; the paper's
     gradient analysis, Figs. 6/10, is about conv layers), "conv+linear" (also the classifier weight), "all"
     (also BatchNorm affine parameters and biases). Frozen parameters (requires_grad False) are never touched.
@@ -182,6 +187,7 @@ class RGPMask(Component):
         params = [p for _, p in self.params]
         g_nat = torch.autograd.grad(F.cross_entropy(out.logits_nat, y), params, retain_graph=True, allow_unused=True)
         g_adv = torch.autograd.grad(F.cross_entropy(out.logits_adv, y), params, retain_graph=True, allow_unused=True)
+        distributed.all_reduce_mean_([g for g in (*g_nat, *g_adv) if g is not None])  # same mask on every rank
         loss.backward()
         self.masks, self._saved = {}, []
         with torch.no_grad():
@@ -241,6 +247,10 @@ class Revision(Component):
     would pair lagging weights with current statistics); ``num_batches_tracked`` is copied. Buffers of
     frozen BatchNorms and frozen parameters are skipped (they equal theta's anyway).
 
+    Under DDP every rank draws from an identically seeded generator and rank 0's draw is used by all, so
+    all ranks revise together; after a revision the BatchNorm buffers are broadcast from rank 0 (they differ
+    when each rank keeps its own BatchNorm statistics, i.e. on CPU), so theta_rev is identical everywhere.
+
     ``r_decay`` ("gradually decay the revision rate", App. F.1): "none" r; "linear" r(1 - t) (default: the
     simplest gradual decay to 0 at the end, "minimizing revisions when the network stabilizes", mean rate
     r/2); "cosine" r(1 + cos(pi t))/2; "step" r until half of training, then 0 (what the released code's
@@ -282,7 +292,7 @@ class Revision(Component):
     def before_loss(self, model: nn.Module, objective: Objective, x: Tensor, x_adv: Tensor | None, y: Tensor,
                     ctx: StepContext) -> None:
         if not self.synced and not self.warmup.active(ctx):
-            self.model.load_state_dict(model.state_dict())
+            self.model.load_state_dict(distributed.unwrap(model).state_dict())
             self.synced = True
 
     def consistency(self, out: Outputs, x: Tensor) -> Tensor:
@@ -312,13 +322,16 @@ class Revision(Component):
                 rb.mul_(self.d).add_(b, alpha=1.0 - self.d)
             else:
                 rb.copy_(b)
+        distributed.broadcast_([rb for rb, _ in self._buffers])  # rank 0's statistics when BN is per rank
         self.revisions += 1
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         if self.warmup.active(ctx):
             return
         gen = ctx.generator
-        draw = float(torch.rand((), generator=gen, device=gen.device))
+        draw = torch.rand((), generator=gen, device=gen.device)
+        distributed.broadcast_([draw])  # every rank revises, or none (a no-op on one process)
+        draw = float(draw)
         self.draws += 1
         if draw < self.rate(ctx):
             self.revise()

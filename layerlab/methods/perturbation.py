@@ -27,6 +27,11 @@ are never perturbed and do not enter the norms, so frozen blocks stay bit-for-bi
 v is computed in fp32 (fp64 for fp64 weights), even under autocast, from the proxy step lr * grad
 itself rather than from a difference of weights (the reference's ``(w + lr g) - w`` loses digits),
 and the perturbation draws no random numbers.
+
+Under DDP (torchrun) v is computed on the plain module on every rank from synchronized statistics: the
+number of qualifying examples is summed over the ranks (so every rank takes the same K2 steps and stops
+together) and the proxy gradients are averaged over the ranks (each rank's masked sum is divided by its
+shard size, so the average is the global batch's masked mean); v is then identical on every rank.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from layerlab import distributed
 from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
 from layerlab.methods.objectives import PGDAT, TRADES
 
@@ -138,8 +144,9 @@ class WeightPerturbation(Component):
                 y: Tensor) -> tuple[dict[str, Tensor], int, list[int]]:
         """(v, ascent steps taken, examples qualifying at each evaluated point); v is {} when no step was taken.
 
-        The model (weights and buffers) is left untouched.
+        The model (weights and buffers) is left untouched. Under DDP the counts are those of the global batch.
         """
+        model = distributed.unwrap(model)
         weights = perturbable(model)
         if not weights or self.gamma == 0:
             return {}, 0, []
@@ -153,17 +160,20 @@ class WeightPerturbation(Component):
             leaves = {n: (w.detach() + v[n] if v else w.detach()).requires_grad_(True) for n, w in weights.items()}
             losses = objective.adv_loss(_Substituted(model, {**buffers, **leaves}), x, x_adv, y)
             if self.c_min is None:
-                loss, count = losses.sum() / batch, batch
+                loss, count = losses.sum() / batch, batch * distributed.world_size()
             else:
                 keep = losses.detach() < self.c_min
-                count = int(keep.sum())
                 loss = losses[keep].sum() / batch
+                count_t = keep.sum()
+                distributed.all_reduce_sum_([count_t])  # every rank takes the same number of steps
+                count = int(count_t)
             qualified.append(count)
             if count == 0:
                 break
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             step = {n: _wide(torch.zeros_like(w) if g is None else self.proxy_lr * _wide(g))
                     for (n, w), g in zip(weights.items(), grads)}
+            distributed.all_reduce_mean_(list(step.values()))  # the global batch's ascent direction
             direction = step if direction is None else {n: direction[n] + step[n] for n in step}
             v = rescale(direction, weights, self.gamma, self.scope)
             taken += 1
@@ -179,11 +189,11 @@ class WeightPerturbation(Component):
         if ctx.epoch >= self.warmup_epochs:
             v, steps, qualified = self.compute(model, objective, x, x_adv, y)
             if v:
-                weights = perturbable(model)
+                weights = perturbable(distributed.unwrap(model))
                 v = {n: t.to(weights[n].dtype) for n, t in v.items()}
                 add_(weights, v)
                 self._active = (weights, v)
-        self._record(len(y), steps, qualified)
+        self._record(len(y) * distributed.world_size(), steps, qualified)  # global batch (equal shards)
 
     def extra_loss(self, model: nn.Module, out: Outputs, x: Tensor, y: Tensor, ctx: StepContext) -> None:
         """Adds nothing to the loss; records this step's perturbation steps and qualifying examples in ``out.terms``."""
