@@ -22,14 +22,6 @@ RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion
           "elastic_transform"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:

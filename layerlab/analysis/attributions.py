@@ -119,18 +119,10 @@ def attributions_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n:
                           device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Attributions of the same images for several runs: OUT/attributions.{json,npz,png} + block bars."""
     from layerlab import runs
-    from layerlab.analysis.minimum import (
-        common_images,
-        load_models,
-        model_labels,
-        predict,
-    )
-    from layerlab.data import to_float
+    from layerlab.analysis.minimum import model_labels, models_and_shared_images, predict
     from layerlab.plots.robustness import plot_attributions, plot_block_attributions
 
-    models, splits = load_models(run_dirs, checkpoint=checkpoint, device=device, data_dir=data_dir)
-    idx = common_images(models, splits.test.images, splits.test.labels, n)
-    x, y = to_float(splits.test.images[idx]), splits.test.labels[idx]
+    models, splits, idx, x, y = models_and_shared_images(run_dirs, n, checkpoint=checkpoint, device=device, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"clean": x.cpu().numpy().astype(np.float32)}

@@ -176,6 +176,17 @@ def common_images(models: Sequence[nn.Module], images: Tensor, labels: Tensor, n
     return idx if len(idx) >= min(n, len(labels)) else torch.arange(min(n, len(labels)), device=labels.device)
 
 
+def models_and_shared_images(run_dirs: Sequence[str | Path], n: int, *, checkpoint: str = "best",
+                             device: str = "auto", data_dir: str | None = None):
+    """The runs' models, their data splits, and the indices, float images and labels of the first ``n`` test
+    images every model classifies correctly."""
+    from layerlab.data import to_float
+
+    models, splits = load_models(run_dirs, checkpoint=checkpoint, device=device, data_dir=data_dir)
+    idx = common_images(models, splits.test.images, splits.test.labels, n)
+    return models, splits, idx, to_float(splits.test.images[idx]), splits.test.labels[idx]
+
+
 def _value(v: float) -> float | None:
     """JSON-safe float (nan -> None)."""
     return None if v != v else float(v)
@@ -186,12 +197,9 @@ def minpert_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int 
                      checkpoint: str = "best", device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Minimal perturbations of the same images for several runs: OUT/minpert.{json,npz,png}."""
     from layerlab import runs
-    from layerlab.data import to_float
     from layerlab.plots.robustness import plot_minpert
 
-    models, splits = load_models(run_dirs, checkpoint=checkpoint, device=device, data_dir=data_dir)
-    idx = common_images(models, splits.test.images, splits.test.labels, n)
-    x, y = to_float(splits.test.images[idx]), splits.test.labels[idx]
+    models, splits, idx, x, y = models_and_shared_images(run_dirs, n, checkpoint=checkpoint, device=device, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"clean": x.cpu().numpy().astype(np.float32)}
