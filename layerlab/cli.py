@@ -36,6 +36,8 @@ AmpOpt = typer.Option(None, "--amp/--no-amp", help="bf16 autocast")
 OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+ResetBnOpt = typer.Option(None, "--reset-bn/--keep-bn", help="when re-initializing, also reset BatchNorm "
+                          "(weights and statistics) of the updated blocks (default: keep the ST model's)")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
                                          f"profile {ST_EPOCHS}")
 
@@ -66,6 +68,7 @@ def train(
     init: Optional[str] = typer.Option(None, help="start from this checkpoint (e.g. an ST run's best.pt)"),
     update: Optional[str] = typer.Option(None, help="update only these blocks (e.g. 23), freeze the rest"),
     reinit: bool = typer.Option(True, "--reinit/--no-reinit", help="re-initialize the updated blocks"),
+    reset_bn: Optional[bool] = ResetBnOpt,
     profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
     dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, download: Optional[bool] = DownloadOpt,
     epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
@@ -84,7 +87,8 @@ def train(
     try:
         name, method_args, preset_cfg = resolve_method(method, preset, arg)
         cfg = _common(profile, **preset_cfg).replace(
-            method=name, method_args=method_args, init=init, update=update, reinit=reinit, model=model,
+            method=name, method_args=method_args, init=init, update=update, reinit=reinit, reset_bn=reset_bn,
+            model=model,
             width=width, dataset=dataset, data_dir=data_dir, download=download, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, train_size=train_size,
             test_size=test_size, val_size=val_size, attack_steps=attack_steps, eval_steps=eval_steps, seed=seed,
@@ -105,6 +109,7 @@ def freeze_study(
     base: Optional[str] = typer.Option(None, help="re-use this ST checkpoint instead of training ST"),
     method: str = typer.Option("at", help="adversarial method of the U-spec runs (at or trades)"),
     reinit: bool = typer.Option(True, "--reinit/--no-reinit", help="re-initialize updated blocks (else fine-tune)"),
+    reset_bn: Optional[bool] = ResetBnOpt,
     sat: bool = typer.Option(True, "--sat/--no-sat", help="also train the full AT baseline from scratch (SAT)"),
     profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
     dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, download: Optional[bool] = DownloadOpt,
@@ -129,7 +134,7 @@ def freeze_study(
         cfg = _common(profile, model=model, width=width, dataset=dataset, data_dir=data_dir, download=download,
                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       train_size=train_size, test_size=test_size, val_size=val_size, attack_steps=attack_steps,
-                      eval_steps=eval_steps, seed=seed, device=device)
+                      eval_steps=eval_steps, seed=seed, device=device, reset_bn=reset_bn)
         with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
             main = distributed.is_main()
             rows = run_freeze_study(cfg, blocks, out, base=base, method=method, reinit=reinit, sat=sat,
