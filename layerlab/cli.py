@@ -423,14 +423,15 @@ def presets() -> None:
 def reproduce(
     profile: str = typer.Option("smoke", help="smoke (minutes, digits), cpu (hours, CIFAR-10 subset), paper"),
     runs: Path = typer.Option(Path("runs/reproduce"), "--runs", help="run root shared by every figure (re-used)"),
-    figures: Path = typer.Option(Path("figures"), "--figures", help="where figures and tables are written"),
+    figures: Path = typer.Option(Path("runs/figures"), "--figures", help="where figures and tables are written"),
     only: Optional[str] = typer.Option(None, help="comma-separated figure groups (default: all, in notebook order)"),
     data_dir: Optional[str] = DataDirOpt,
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="progress bars (default: on except at smoke scale)"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
-    from layerlab.reproduce import FIGURES, reproduce as run_all
+    from layerlab.reproduce import FIGURES
+    from layerlab.reproduce import reproduce as run_all
 
     try:
         done = run_all(profile, runs, figures, data_dir, progress=progress,
@@ -451,20 +452,20 @@ def explore(
     browser: bool = typer.Option(True, "--browser/--no-browser", help="open a browser tab"),
 ) -> None:
     """Serve the interactive explorer (layerlab.explore) of a run root with Voilà on localhost."""
-    import subprocess
+    import importlib.util
+    import os
     import tempfile
 
     from layerlab.explore import app_notebook, voila_command
 
     if not runs.is_dir():
         _fail(FileNotFoundError(f"{runs} is not a directory; pass a run root with --runs"))
+    if importlib.util.find_spec("voila") is None:
+        _fail(RuntimeError("the explorer server needs Voilà: pip install 'layerlab[notebooks]'"))
     notebook = app_notebook(runs, Path(tempfile.mkdtemp(prefix="layerlab-explore-")) / "explorer.ipynb")
     cmd = voila_command(notebook, port=port, open_browser=browser)
     typer.echo(f"serving {runs} at http://127.0.0.1:{port}/ (Ctrl-C stops)", err=True)
-    try:
-        raise typer.Exit(subprocess.call(cmd))
-    except FileNotFoundError:
-        _fail(RuntimeError("the explorer server needs Voilà: pip install 'layerlab[notebooks]'"))
+    os.execv(cmd[0], cmd)  # the server replaces this process, so Ctrl-C and kill reach it directly
 
 
 def main() -> None:

@@ -1,0 +1,232 @@
+"""The explorer app, headless: widgets build, callbacks redraw from the run files, the what-if run trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ipywidgets")
+
+from layerlab import runs  # noqa: E402
+from layerlab.explore import (  # noqa: E402
+    APP_CLASS,
+    Explorer,
+    block_gradients_at,
+    cka_view,
+    discover_runs,
+    nearest_checkpoint,
+    read_run_files,
+    spec_of,
+    summary_table,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_cfg, digits_splits) -> Path:
+    """A run root with ST (2 epochs) and AT (3 epochs, per-epoch checkpoints, cka.json, lsc.csv)."""
+    from layerlab.analysis.cka import cka_run
+    from layerlab.analysis.lsc import lsc_checkpoints, mu_grid, run_lsc
+    from layerlab.train import train
+
+    root = tmp_path_factory.mktemp("explore")
+    train(tiny_cfg(method="st", epochs=2), root / "ST", progress=False, splits=digits_splits)
+    train(tiny_cfg(method="at", epochs=3), root / "AT", progress=False, splits=digits_splits,
+          callbacks=[lsc_checkpoints(every=1)])
+    cka_run(root / "AT", n=32, batch_size=16, steps=2, device="cpu", progress=False)
+    run_lsc(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
+            mus=mu_grid(-0.5, 0.5, 5), directions=1, attack_steps=2, device="cpu", progress=False, plot=False)
+    (root / "not-a-run").mkdir()
+    return root
+
+
+@pytest.fixture()
+def app(root) -> Explorer:
+    return Explorer(root, select=["AT", "ST"])
+
+
+def png(image) -> bytes:
+    """An Image widget's value as bytes (ipywidgets may hold a memoryview)."""
+    return bytes(image.value)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    return {r["epoch"]: r for r in runs.read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def test_import_layerlab_stays_light_and_explore_is_callable():
+    code = ("import sys, layerlab\n"
+            "assert 'torch' not in sys.modules and 'ipywidgets' not in sys.modules\n"
+            "f = layerlab.explore\n"
+            "assert callable(f) and f is sys.modules['layerlab.explore']\n"
+            "from layerlab import explore\n"
+            "assert explore is f and callable(explore.explore)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_discover_runs_finds_run_directories_only(root, tmp_path):
+    assert list(discover_runs(root)) == ["AT", "ST"]
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    (nested / "metrics.jsonl").write_text("")
+    (tmp_path / "a" / "b" / "c").mkdir()
+    assert discover_runs(tmp_path) == {"a/b": nested}
+    assert discover_runs(tmp_path, depth=1) == {}
+
+
+def test_app_builds_every_panel(app, root):
+    assert APP_CLASS in app._dom_classes
+    assert app.run_select.options == ("AT", "ST")
+    assert app.run_select.value == ("AT", "ST")
+    assert app.block_select.options == ("stem", "block1", "block2", "block3", "block4", "head")
+    assert app.epoch.max == 3 and app.epoch.value == 3 and app.play.value == 3
+    for image in (app.curves_image, app.cka_image, app.grads_image, app.lsc_image):
+        assert png(image).startswith(PNG) and len(png(image)) > 5000
+    assert app.whatif_base.options == ("ST",)
+    assert app.whatif_blocks.options == ("block1", "block2", "block3", "block4", "head")
+    assert "AT" in app.table.value and "ST" in app.table.value
+
+
+def test_epoch_scrub_redraws_curves_table_grads_and_lsc(app, root):
+    before = {k: png(getattr(app, k)) for k in ("curves_image", "grads_image", "lsc_image", "cka_image")}
+    app.epoch.value = 1  # the observer runs on_epoch
+    for key in ("curves_image", "grads_image", "lsc_image"):
+        assert png(getattr(app, key)) != before[key], key
+    assert png(app.cka_image) == before["cka_image"]  # the CKA of the best checkpoint does not depend on it
+    row = metrics(root / "AT")[1]
+    assert f"<b>{row['robust_acc']:.1f}</b>" in app.table.value
+    # calling the callback directly redraws from the files again
+    app.curves_image.value = b""
+    app.on_epoch()
+    assert png(app.curves_image).startswith(PNG)
+
+
+def test_mode_toggle_switches_natural_and_adversarial(app, root):
+    adversarial = png(app.curves_image)
+    app.mode.value = "natural"
+    assert png(app.curves_image) != adversarial
+    row = metrics(root / "AT")[3]
+    assert f"<b>{row['natural_acc']:.1f}</b>" in app.table.value
+    assert f"<b>{row['robust_acc']:.1f}</b>" not in app.table.value or row["robust_acc"] == row["natural_acc"]
+
+
+def test_block_choice_restricts_cka_and_gradients(app, root):
+    cka, grads = png(app.cka_image), png(app.grads_image)
+    app.block_select.value = ("block2", "block3")
+    assert png(app.cka_image) != cka and png(app.grads_image) != grads
+    data = runs.read_json(root / "AT" / "cka.json")
+    rows, cols, matrix = cka_view(data, ["block2", "block3"])
+    assert rows == cols == ["block2", "block3"]
+    i, j = data["rows"].index("block2"), data["cols"].index("block3")
+    assert matrix[0, 1] == pytest.approx(data["matrix"][i][j])
+    assert cka_view(data, [])[2].shape == (len(data["rows"]), len(data["cols"]))
+
+
+def test_focus_run_switches_cka_and_lsc(app):
+    cka, lsc = png(app.cka_image), png(app.lsc_image)
+    app.focus.value = "ST"  # ST has neither cka.json nor lsc.csv: the panels say so
+    assert png(app.cka_image) != cka and png(app.lsc_image) != lsc
+    assert png(app.cka_image).startswith(PNG)
+
+
+def test_block_gradients_match_an_independent_average(root):
+    rows = runs.read_jsonl(root / "AT" / "layer_stats.jsonl")
+    run = read_run_files("AT", root / "AT")
+    got = block_gradients_at(run.stats, 2, ["block1", "head"])
+    assert list(got) == ["block1", "head"]
+    for block in got:
+        mine = [r for r in rows if r["epoch"] == 2 and r["block"] == block]
+        want = sum(r["grad_mean_abs"] * r["numel"] for r in mine) / sum(r["numel"] for r in mine)
+        assert got[block] == pytest.approx(want)
+    assert block_gradients_at(run.stats, 99) == block_gradients_at(run.stats, 3)  # last epoch before 99
+
+
+def test_nearest_checkpoint_and_summary_table(root):
+    run = read_run_files("AT", root / "AT")
+    assert set(run.lsc["checkpoint"]) == {"epoch-1", "epoch-2", "epoch-3"}
+    assert nearest_checkpoint(run.lsc, 2) == "epoch-2"
+    assert nearest_checkpoint(run.lsc, 10) == "epoch-3"
+    html = summary_table([run], "adversarial", 2)
+    assert f"<b>{metrics(root / 'AT')[2]['val_robust_acc']:.1f}</b>" in html
+
+
+def test_spec_of():
+    assert spec_of(["block3", "block2"], 4) == "23"
+    assert spec_of(["head"], 4) == "5"
+    with pytest.raises(ValueError, match="block1..block4"):
+        spec_of(["stem"], 4)
+    with pytest.raises(ValueError, match="at least one"):
+        spec_of([], 4)
+
+
+def test_save_writes_the_panels(app, tmp_path):
+    paths = app.save(tmp_path)
+    assert sorted(paths) == ["cka", "curves", "grads", "lsc", "table"]
+    assert paths["curves"].read_bytes() == png(app.curves_image)
+
+
+def test_whatif_run_freezes_blocks_and_joins_the_selection(app, root):
+    app.whatif_blocks.value = ("block3",)
+    app.whatif_reinit.value = False
+    app.whatif_epochs.value = 1
+    thread = app.launch_whatif()  # the button's path: a background thread
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    out = root / "whatif" / "U-3-noreinit"
+    saved = runs.read_json(out / "config.json")["config"]
+    assert saved["update"] == "3" and saved["reinit"] is False and saved["epochs"] == 1 and saved["method"] == "at"
+    assert saved["init"] == str(root / "ST" / "checkpoints" / "best.pt")
+    assert app.whatif_progress.value == app.whatif_progress.max > 0
+    assert "whatif/U-3-noreinit" in app.run_select.value and "done" in app.whatif_log.value
+    st = runs.load_checkpoint(root / "ST" / "checkpoints" / "best.pt")["model"]
+    new = runs.load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    frozen = [k for k in st if k.startswith("block1.") and st[k].is_floating_point()]
+    updated = [k for k in st if k.startswith("block3.") and k.endswith("weight") and st[k].dim() > 1]
+    assert frozen and all(torch.equal(st[k], new[k]) for k in frozen)
+    assert any(not torch.equal(st[k], new[k]) for k in updated)
+    rows = [json.loads(line) for line in (out / "layer_stats.jsonl").read_text().splitlines()]
+    assert {r["block"] for r in rows} == {"block3"}  # only the updated block has trainable tensors
+
+
+def test_whatif_without_blocks_reports_instead_of_training(app, root):
+    app.whatif_blocks.value = ()
+    assert app.launch_whatif(background=False) is None
+    assert "at least one" in app.whatif_log.value
+    assert not (root / "whatif" / "U-").exists()
+
+
+def test_empty_root_builds(tmp_path):
+    app = Explorer(tmp_path)
+    assert app.run_select.options == ()
+    assert "no runs" in app.status.value
+    assert app.whatif_button.disabled
+    assert png(app.curves_image).startswith(PNG)
+    assert app.table.value == "<p>no runs selected</p>"
+
+
+def test_app_notebook_and_voila_command(root, tmp_path):
+    from layerlab.explore import app_notebook, voila_command
+
+    path = app_notebook(root, tmp_path / "app.ipynb")
+    nb = json.loads(path.read_text())
+    assert [c["cell_type"] for c in nb["cells"]] == ["code"]
+    assert f"layerlab.explore({str(root)!r})" in "".join(nb["cells"][0]["source"])
+    cmd = voila_command(path, port=9999)
+    assert cmd[:3] == [sys.executable, "-m", "voila"] and str(path) in cmd
+    assert "--port=9999" in cmd and "--Voila.ip=127.0.0.1" in cmd and "--no-browser" in cmd
+    assert "--no-browser" not in voila_command(path, open_browser=True)
+
+
+def test_cli_explore_rejects_a_missing_run_root(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    result = CliRunner().invoke(app, ["explore", "--runs", str(tmp_path / "missing"), "--no-browser"])
+    assert result.exit_code == 2 and "not a directory" in result.output

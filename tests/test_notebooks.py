@@ -1,0 +1,165 @@
+"""The figure notebooks: committed without outputs, one papermill parameters cell, and every notebook runs top
+to bottom at smoke scale, in order, on one shared run root (later notebooks re-use earlier runs)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+
+from layerlab.reproduce import FIGURES  # noqa: E402
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ORDER = [notebook for notebook, _ in FIGURES.values()]
+FUNCTION = {notebook: fn.__name__ for notebook, fn in FIGURES.values()}
+SLOW = {"10_rwp_ablations.ipynb", "11_cure_ablation.ipynb"}  # the most training: several extra runs each
+PARAMETERS = ("PROFILE", "RUN_ROOT", "DATA_DIR", "FIGURES")
+
+
+def read(name: str):
+    return nbformat.read(NOTEBOOKS / name, as_version=4)
+
+
+def test_notebooks_match_the_figure_registry():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(ORDER)
+    assert ORDER == sorted(ORDER)  # numbered in the order they run
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_notebook_has_no_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before committing"
+    assert "widgets" not in nb.metadata, f"{name}: saved widget state"
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_notebook_starts_with_one_parameters_cell_and_calls_its_figure(name):
+    nb = read(name)
+    first = nb.cells[0]
+    assert first.cell_type == "code" and "parameters" in first.metadata.get("tags", [])
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+    assigned = {t.id: node.value for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert set(assigned) == set(PARAMETERS)
+    assert ast.literal_eval(assigned["PROFILE"]) == "smoke"
+    code = "\n".join(c.source for c in nb.cells[1:] if c.cell_type == "code")
+    assert f"reproduce.{FUNCTION[name]}(PROFILE, RUN_ROOT, FIGURES, DATA_DIR)" in code
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """One run root and figure folder for every notebook of the session; one thread per kernel."""
+    base = tmp_path_factory.mktemp("notebooks")
+    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    yield {"runs": base / "runs", "figures": base / "figures", "executed": base / "executed"}
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def summaries(root: Path) -> dict[Path, int]:
+    """Modification time of every finished run's summary.json (unchanged = the run was re-used)."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("summary.json")}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ORDER])
+def test_notebook_runs_at_smoke_scale(name, shared):
+    papermill = pytest.importorskip("papermill")
+    before = summaries(shared["runs"])
+    start = time.time()
+    shared["executed"].mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(NOTEBOOKS / name), str(shared["executed"] / name), kernel_name="python3", progress_bar=False,
+        cwd=str(NOTEBOOKS), execution_timeout=600, log_output=False,
+        parameters={"PROFILE": "smoke", "RUN_ROOT": str(shared["runs"]), "DATA_DIR": None,
+                    "FIGURES": str(shared["figures"])})  # raises PapermillExecutionError on any error
+    after = summaries(shared["runs"])
+    assert {p: after[p] for p in before} == before, "finished runs must be re-used, not retrained"
+    groups = list(shared["figures"].glob(f"{name[:2]}_*"))
+    assert len(groups) == 1, groups
+    pngs = list(groups[0].glob("*.png"))
+    assert pngs and all(p.stat().st_mtime >= start - 1 and p.stat().st_size > 2000 for p in pngs)
+    executed = nbformat.read(shared["executed"] / name, as_version=4)
+    shown = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "image/png" in o.get("data", {})]
+    assert len(shown) == len(pngs), "reproduce.show displays every figure the notebook wrote"
+
+
+def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp_path):
+    """`layerlab reproduce` runs the notebooks' library calls: on the notebooks' run root it trains nothing
+    and writes the same tables."""
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    root = shared["runs"]
+    before = summaries(root)
+    result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--runs", str(root), "--figures",
+                                      str(tmp_path), "--only", "tradeoff,gradients"])
+    assert result.exit_code == 0, result.output
+    assert summaries(root) == before
+    table = "04_tradeoff/cure_table1_tradeoff.csv"
+    if (shared["figures"] / table).exists():  # the notebook ran in this session
+        assert (tmp_path / table).read_text() == (shared["figures"] / table).read_text()
+    assert (tmp_path / "06_gradients" / "cure_fig6a_grads_per_block.png").exists()
+    assert str(tmp_path / table) in result.output
+
+
+def test_reproduce_settings_per_profile():
+    from layerlab.config import PROFILES
+    from layerlab.layerwise import paper_specs, parse_specs
+    from layerlab.reproduce import SETTINGS, base_config, settings
+
+    assert set(SETTINGS) == set(PROFILES)
+    for profile, s in SETTINGS.items():
+        for specs in (s.specs, s.noreinit_specs):
+            assert parse_specs(",".join(specs)) == list(specs)
+        assert base_config(profile).to_dict() == {**base_config(profile).to_dict(), **s.overrides}
+    assert set(SETTINGS["smoke"].specs) < set(paper_specs(4))
+    for profile in ("cpu", "paper"):  # the papers' full sets
+        assert list(SETTINGS[profile].specs) == list(SETTINGS[profile].noreinit_specs) == paper_specs(4)
+        assert "aa" in SETTINGS[profile].attacks and base_config(profile).dataset == "cifar10"
+    assert base_config("smoke").dataset == "digits"
+    with pytest.raises(ValueError, match="choose one of"):
+        settings("laptop")
+
+
+def test_reproduce_rejects_unknown_figures_before_training(tmp_path):
+    from layerlab.reproduce import reproduce
+
+    with pytest.raises(ValueError, match="freeze_study"):
+        reproduce("smoke", tmp_path / "runs", tmp_path / "figs", only=["nope"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_spread_keeps_the_ends():
+    from layerlab.reproduce import _spread
+
+    assert _spread(list(range(9)), 3) == [0, 4, 8]
+    assert _spread(list(range(7)), 4) == [0, 2, 4, 6]
+    assert _spread([1, 2], 4) == [1, 2]
+    assert _spread([1, 2, 3], 1) == [3]
+
+
+def test_train_with_callbacks_refuses_a_run_trained_otherwise(tmp_path):
+    from layerlab.reproduce import base_config, train_with_callbacks
+
+    run = tmp_path / "AT"
+    run.mkdir()
+    other = base_config("smoke").replace(method="at", epochs=7)
+    (run / "config.json").write_text(json.dumps({"config": other.to_dict()}))
+    with pytest.raises(FileExistsError, match="other settings"):
+        train_with_callbacks(base_config("smoke").replace(method="at"), run, [], progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
