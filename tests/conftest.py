@@ -63,3 +63,37 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 def snapshot_files() -> Callable[[Path], dict[str, tuple[bytes, int]]]:
     """The :func:`snapshot` helper as a fixture."""
     return snapshot
+
+
+@pytest.fixture(scope="session")
+def analysis_run_root(tmp_path_factory, digits_splits) -> Path:
+    """A run root with ST (2 epochs) and AT (3 epochs, per-epoch checkpoints, cka.json, lsc.csv): every
+    explorer panel has something to draw."""
+    from layerlab.analysis.cka import cka_run
+    from layerlab.analysis.lsc import lsc_checkpoints, mu_grid, run_lsc
+    from layerlab.train import train
+
+    root = tmp_path_factory.mktemp("analysis-root")
+    train(tiny_config(method="st", epochs=2), root / "ST", progress=False, splits=digits_splits)
+    train(tiny_config(method="at", epochs=3), root / "AT", progress=False, splits=digits_splits,
+          callbacks=[lsc_checkpoints(every=1)])
+    cka_run(root / "AT", n=32, batch_size=16, steps=2, device="cpu", progress=False)
+    run_lsc(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
+            mus=mu_grid(-0.5, 0.5, 5), directions=1, attack_steps=2, device="cpu", progress=False, plot=False)
+    return root
+
+
+def train_tiny_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
+    """A small CNN fitted to (x, y) with Adam (~90% test accuracy on digits), in eval mode."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

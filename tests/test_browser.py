@@ -91,20 +91,9 @@ async def render(url: str, devtools_port: int, timeout: float = 150.0) -> tuple[
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory, tiny_cfg, digits_splits) -> Path:
+def run_root(analysis_run_root) -> Path:
     """ST and AT runs; AT with its CKA and LSC files, so every panel has something to draw."""
-    from layerlab.analysis.cka import cka_run
-    from layerlab.analysis.lsc import lsc_checkpoints, mu_grid, run_lsc
-    from layerlab.train import train
-
-    root = tmp_path_factory.mktemp("browser")
-    train(tiny_cfg(method="st", epochs=2), root / "ST", progress=False, splits=digits_splits)
-    train(tiny_cfg(method="at", epochs=3), root / "AT", progress=False, splits=digits_splits,
-          callbacks=[lsc_checkpoints(every=1)])
-    cka_run(root / "AT", n=32, batch_size=16, steps=2, device="cpu", progress=False)
-    run_lsc(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
-            mus=mu_grid(-0.5, 0.5, 5), directions=1, attack_steps=2, device="cpu", progress=False, plot=False)
-    return root
+    return analysis_run_root
 
 
 def test_explorer_renders_in_chromium(run_root, tmp_path):

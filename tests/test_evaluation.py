@@ -6,8 +6,8 @@ import json
 import sys
 
 import pytest
+from conftest import train_tiny_cnn
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerlab import evaluation as ev
@@ -29,15 +29,7 @@ def digits():
 def tiny(digits):
     """A small CNN trained to ~90% on digits: robust accuracy at 8/255 lies strictly between 0 and 100."""
     x, y, xt, yt = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_cnn(x, y)
     assert (model(xt).argmax(1) == yt).float().mean() > 0.8
     return model
 

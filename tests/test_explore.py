@@ -29,21 +29,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_cfg, digits_splits) -> Path:
-    """A run root with ST (2 epochs) and AT (3 epochs, per-epoch checkpoints, cka.json, lsc.csv)."""
-    from layerlab.analysis.cka import cka_run
-    from layerlab.analysis.lsc import lsc_checkpoints, mu_grid, run_lsc
-    from layerlab.train import train
-
-    root = tmp_path_factory.mktemp("explore")
-    train(tiny_cfg(method="st", epochs=2), root / "ST", progress=False, splits=digits_splits)
-    train(tiny_cfg(method="at", epochs=3), root / "AT", progress=False, splits=digits_splits,
-          callbacks=[lsc_checkpoints(every=1)])
-    cka_run(root / "AT", n=32, batch_size=16, steps=2, device="cpu", progress=False)
-    run_lsc(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
-            mus=mu_grid(-0.5, 0.5, 5), directions=1, attack_steps=2, device="cpu", progress=False, plot=False)
-    (root / "not-a-run").mkdir()
-    return root
+def root(analysis_run_root) -> Path:
+    """The shared analysis run root plus a directory that is not a run."""
+    (analysis_run_root / "not-a-run").mkdir(exist_ok=True)
+    return analysis_run_root
 
 
 @pytest.fixture()

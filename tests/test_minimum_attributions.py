@@ -7,9 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import train_tiny_cnn
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from layerlab.analysis import attributions as A
 from layerlab.analysis import minimum as M
@@ -23,15 +22,7 @@ def tiny():
     """A small CNN trained to ~90% on digits, and 8 test images it classifies correctly."""
     s = load_splits("digits", train_size=600, test_size=200, val_size=0)
     x, y = to_float(s.train.images), s.train.labels
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_cnn(x, y)
     xt, yt = to_float(s.test.images), s.test.labels
     ok = torch.nonzero(model(xt).argmax(1) == yt).flatten()[:8]
     return model, xt[ok], yt[ok], xt, yt
