@@ -1,0 +1,1 @@
+"""Performance benchmarks of layerlab (issue 6): run them with ``python -m benchmarks.run [--quick]``."""

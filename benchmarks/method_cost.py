@@ -1,0 +1,149 @@
+"""1. Method step cost: ST, AT, TRADES, MART, AT-AWP, AT-RWP and CURE on the same model, batch and PGD steps.
+
+Each method gets its own copy of one initial model (and its own SGD optimizer) and runs
+``Method.train_step`` on the same random batch, interleaved with the others. "One step" is the
+cost of one extra forward + backward of the training model on the batch (CE on the batch, all
+parameter gradients), the unit of AWP's and RWP's weight-perturbation steps.
+
+RWP runs twice: with its defaults (c_min = 1.7: on a random model every loss is above it, so
+it usually stops after one loss evaluation) and with c_min = inf (every example qualifies, so all
+K2 = 10 ascent steps are taken: the worst case). Its cost is checked against AWP + one step per
+K2 iteration it ran beyond AWP's one. Iterations = the ascent steps the component's ``stats()``
+counter reports + the final iteration that found no qualifying example and stopped (when it
+stopped before K2): that check is a forward pass on the batch, so counting ascent steps alone
+would leave one forward pass per early stop unaccounted for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Context, Result, Target, interleave
+from layerlab.methods import AttackSettings, StepContext, build_method
+from layerlab.methods.perturbation import WeightPerturbation
+from layerlab.models import build_model
+
+NAME = "method_cost"
+TITLE = "method step cost (same model, batch, PGD steps)"
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# candidate -> (registered method, hyper-parameters); "one-step" is the extra forward+backward unit.
+CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
+    "st": ("st", {}),
+    "at": ("at", {}),
+    "trades": ("trades", {}),
+    "mart": ("mart", {}),
+    "at-awp": ("awp", {}),
+    "at-rwp": ("rwp", {}),
+    "at-rwp-all": ("rwp", {"c_min": math.inf}),
+    "cure": ("cure", {}),
+}
+
+
+def make_model(width: float, seed: int, device: torch.device) -> torch.nn.Module:
+    """A seeded ResNet-18 of ``width`` with CIFAR-10 normalization, on ``device``."""
+    torch.manual_seed(seed)
+    return build_model("resnet18", num_classes=10, width=width, mean=CIFAR_MEAN, std=CIFAR_STD).to(device)
+
+
+def make_batch(batch: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch of images in [0, 1] and labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def method_step(name: str, args: dict[str, Any], model0: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                attack: AttackSettings) -> Callable[[], dict[str, Any]]:
+    """A callable running one ``train_step`` of method ``name`` on its own model copy; returns the
+    weight-perturbation ascent steps it took (None when the method has no such component)."""
+    model = copy.deepcopy(model0)
+    method = build_method(name, args)
+    method.setup(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                weight_decay=5e-4)
+    generator = torch.Generator(x.device).manual_seed(1)
+    wp = next((c for c in method.components if isinstance(c, WeightPerturbation)), None)
+    step = [0]
+
+    def call() -> dict[str, Any]:
+        ctx = StepContext(0, 1, step[0], 1000, attack, generator)
+        before = wp.stats()["total_steps"] if wp else 0
+        method.train_step(model, x, y, optimizer, ctx)
+        step[0] += 1
+        if wp is None:
+            return {"wp_steps": None}
+        taken = wp.stats()["total_steps"] - before
+        return {"wp_steps": taken, "wp_iterations": taken + (1 if taken < wp.steps else 0), "k2": wp.steps}
+
+    return call
+
+
+def one_step(model0: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Callable[[], None]:
+    """One forward + backward of the training model (train mode, CE, all parameter gradients)."""
+    model = copy.deepcopy(model0).train()
+    g = torch.Generator(x.device).manual_seed(2)
+    x_adv = (x + (torch.rand(x.shape, generator=g, device=x.device) * 2 - 1) * eps).clamp(0, 1)
+
+    def call() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x_adv), y).backward()
+
+    return call
+
+
+def rwp_bound(t_rwp: float, t_awp: float, t_step: float, iterations: float) -> Target:
+    """RWP's cost above AWP, in steps, against the K2 iterations it ran beyond AWP's one step."""
+    extra = (t_rwp - t_awp) / t_step
+    return Target("", extra, "<=", max(0.0, iterations - 1.0))
+
+
+def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
+    s = ctx.settings
+    model0 = make_model(s.width, 0, ctx.device)
+    x, y = make_batch(s.batch, 0, ctx.device)
+    attack = AttackSettings(8 / 255, 2 / 255, s.pgd_steps, "linf")
+    candidates = {c: method_step(m, a, model0, x, y, attack) for c, (m, a) in CANDIDATES.items()}
+    candidates["one-step"] = one_step(model0, x, y, attack.eps)
+    samples = interleave(candidates, s.rounds, s.warmup, ctx.device, log)
+
+    med = {c: samples.median(c) for c in candidates}
+    k = {c: statistics.mean(r["wp_steps"] for r in samples.returns[c]) for c in ("at-rwp", "at-rwp-all")}
+    iters = {c: statistics.mean(r["wp_iterations"] for r in samples.returns[c]) for c in k}
+    table = []
+    for c in candidates:
+        row: dict[str, Any] = {"candidate": c, **samples.stats(c), "images_per_s": s.batch / med[c],
+                               "vs_at": med[c] / med["at"], "vs_one_step": med[c] / med["one-step"]}
+        if c in k:
+            row["k2_steps_taken"] = k[c]
+            row["k2_iterations"] = iters[c]
+        table.append(row)
+    ratios = {"cure/trades": med["cure"] / med["trades"], "at-awp/at": med["at-awp"] / med["at"],
+              "trades/at": med["trades"] / med["at"], "mart/at": med["mart"] / med["at"],
+              "cure/at": med["cure"] / med["at"], "at-rwp/at-awp": med["at-rwp"] / med["at-awp"],
+              "at-rwp-all/at-awp": med["at-rwp-all"] / med["at-awp"], "st/at": med["st"] / med["at"],
+              "one-step/at": med["one-step"] / med["at"]}
+    targets = [Target("cure/trades", ratios["cure/trades"], "<=", 1.25),
+               Target("at-awp/at", ratios["at-awp/at"], "<=", 1.15)]
+    for c in ("at-rwp", "at-rwp-all"):
+        t = rwp_bound(med[c], med["at-awp"], med["one-step"], iters[c])
+        t.name = f"({c} - at-awp) / one-step"
+        t.note = (f"{k[c]:g} ascent steps per training step (the component's stats counter) + "
+                  f"{iters[c] - k[c]:g} final check = {iters[c]:g} K2 iterations; allowed: one step per "
+                  f"iteration beyond AWP's one")
+        targets.append(t)
+    notes = [f"resnet18 width {s.width}, batch {s.batch}, PGD-{s.pgd_steps} (eps 8/255, step 2/255), random "
+             f"batch, device {ctx.device}, {s.warmup} warm-up + {s.rounds} timed interleaved rounds, medians",
+             "one-step = forward + backward (CE, all parameter gradients) of the training model on the batch",
+             "at-rwp uses the defaults (c_min 1.7); at-rwp-all sets c_min=inf so every one of the K2=10 ascent "
+             "steps is taken"]
+    return Result(NAME, TITLE, table=table, ratios=ratios, targets=targets, notes=notes,
+                  figures={"k2_steps_taken": k, "k2_iterations": iters})

@@ -1,0 +1,152 @@
+"""Smoke tests of the benchmark suite (benchmarks/): it runs with tiny sizes and reports its structure.
+
+No timing is asserted anywhere: the figures of the ``tiny`` profile mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.common import Result, Target, interleave, render, round_orders
+from benchmarks.method_cost import rwp_bound
+
+TARGET_KEYS = {"name", "value", "op", "limit", "met", "note"}
+
+
+def test_round_orders_alternate():
+    assert round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+
+
+def test_interleave_times_only_the_timed_rounds_in_alternating_order():
+    calls: list[str] = []
+
+    def cand(name):
+        def call():
+            calls.append(name)
+            return len(calls)
+        return call
+
+    import torch
+
+    samples = interleave({"a": cand("a"), "b": cand("b")}, rounds=2, warmup=1, device=torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # warm-up, then reversed, then forward
+    assert {k: len(v) for k, v in samples.seconds.items()} == {"a": 2, "b": 2}
+    assert samples.returns == {"a": [4, 5], "b": [3, 6]}
+    assert all(t >= 0 for v in samples.seconds.values() for t in v)
+
+
+def test_targets_compare_as_stated():
+    assert Target("x", 1.0, "<=", 1.0).met and not Target("x", 1.01, "<=", 1.0).met
+    assert Target("x", 2.0, ">=", 2.0).met and not Target("x", 1.99, ">=", 2.0).met
+    with pytest.raises(ValueError, match="unknown comparison"):
+        _ = Target("x", 1.0, "<", 2.0).met
+
+
+def test_rwp_bound_allows_one_step_per_extra_iteration():
+    # 7 K2 iterations: 6 beyond AWP's one step; RWP costs (10 - 4) / 1 = 6 steps more than AWP.
+    t = rwp_bound(t_rwp=10.0, t_awp=4.0, t_step=1.0, iterations=7)
+    assert (t.value, t.limit, t.met) == (6.0, 6.0, True)
+    assert not rwp_bound(10.5, 4.0, 1.0, 7).met
+    # one iteration (stopped at once): RWP must not cost more than AWP
+    assert rwp_bound(3.9, 4.0, 1.0, 1).limit == 0.0 and rwp_bound(3.9, 4.0, 1.0, 1).met
+
+
+def test_parse_only_and_exit_code():
+    assert bench_run.parse_only(None) == list(bench_run.BENCHMARKS)
+    assert bench_run.parse_only(["memory,method_cost"]) == ["method_cost", "memory"]
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        bench_run.parse_only(["nope"])
+    ok = Result("a", "a", targets=[Target("t", 1, "<=", 2)])
+    missed = Result("b", "b", targets=[Target("t", 3, "<=", 2)])
+    assert bench_run.exit_code([ok, Result("s", "s", skipped="why")]) == 0
+    assert bench_run.exit_code([ok, missed]) == 1
+    assert bench_run.exit_code([missed, Result("e", "e", error="boom")]) == 2
+
+
+def _in_process_worker(module: str, args: dict, timeout: float = 900, env: dict | None = None) -> dict:
+    """``run_worker`` without the subprocess (the JSON round trip kept): the suite stays fast."""
+    workers = {"benchmarks.instruments": "cka_worker", "benchmarks.memory": "step_worker"}
+    return json.loads(json.dumps(getattr(importlib.import_module(module), workers[module])(args)))
+
+
+def test_worker_runs_in_a_fresh_process():
+    from benchmarks.common import run_worker
+
+    out = run_worker("benchmarks.memory", {"method": "trades", "width": 0.0625, "batch": 8, "pgd_steps": 1,
+                                           "device": "cpu", "threads": 1})
+    assert out["method"] == "trades" and out["step_peak_bytes"] > 0 and out["state_bytes"] >= 0
+    assert out["peak_reset"] is (sys.platform == "linux")
+    with pytest.raises(RuntimeError, match="worker benchmarks.memory failed"):
+        run_worker("benchmarks.memory", {"method": "nope", "width": 0.0625, "batch": 8, "pgd_steps": 1,
+                                         "device": "cpu", "threads": 1})
+
+
+def test_tiny_run_reports_every_benchmark(tmp_path, capsys, monkeypatch):
+    from benchmarks import instruments, memory
+
+    monkeypatch.setattr(instruments, "run_worker", _in_process_worker)
+    monkeypatch.setattr(memory, "run_worker", _in_process_worker)
+    out = tmp_path / "tiny.json"
+    names = ["method_cost", "overhead", "hardware", "instruments", "memory"]
+    code = bench_run.main(["--profile", "tiny", "--only", ",".join(names), "--threads", "1", "--device", "cpu",
+                           "--out", str(out), "--quiet"])
+    report = json.loads(out.read_text())
+    assert code == report["exit_code"] and code in (0, 1)  # 1 = a target missed: tiny sizes mean nothing
+    assert report["profile"] == "tiny" and report["settings"]["batch"] == 8
+    assert {"cpu", "cores", "torch", "threads"} <= set(report["machine"]) and report["machine"]["threads"] == 1
+    by_name = {b["name"]: b for b in report["benchmarks"]}
+    assert list(by_name) == names
+    for b in by_name.values():
+        assert b["status"] in ("ok", "missed") and b["error"] is None, b
+        assert b["targets"] and all(set(t) == TARGET_KEYS for t in b["targets"])
+    candidates = [r["candidate"] for r in by_name["method_cost"]["table"]]
+    assert candidates == ["st", "at", "trades", "mart", "at-awp", "at-rwp", "at-rwp-all", "cure", "one-step"]
+    rwp_all = by_name["method_cost"]["table"][candidates.index("at-rwp-all")]
+    assert rwp_all["k2_steps_taken"] == 10  # c_min = inf: every example qualifies, all K2 steps are taken
+    assert {r["candidate"] for r in by_name["overhead"]["table"]} == {"layerlab", "bare"}
+    flops = by_name["hardware"]["table"][0]["gflop"]
+    assert flops > 0 and by_name["hardware"]["table"][1]["gflop"] == flops
+    assert by_name["hardware"]["figures"]["peak_gflop_s"] > 0
+    # The workers ran in this process (their resident-set figures are not meaningful here, their live tensors are).
+    cka = by_name["instruments"]["table"]
+    assert [(r["memory"], r["n"]) for r in cka] == [(m, n) for m in ("tensors", "rss", "rss-fixed-mmap")
+                                                    for n in (16, 80)]
+    assert all(r["finite"] for r in cka) and all(r["peak_mib"] > 0 for r in cka if r["memory"] == "tensors")
+    assert by_name["instruments"]["ratios"]["cka peak memory n=80/n=16 [tensors]"] == pytest.approx(1.0)
+    mem = {r["candidate"]: r for r in by_name["memory"]["table"]}
+    assert set(mem) == {"cure", "trades"} and all(r["step_peak_live_tensors_mib"] > 0 for r in mem.values())
+    text = capsys.readouterr().out
+    assert "summary:" in text and "target cure/trades step peak" in text
+
+
+def test_data_path_skips_without_data(monkeypatch):
+    import torch
+
+    from benchmarks import data_path
+    from benchmarks.common import PROFILES, Context
+
+    monkeypatch.delenv("LAYERLAB_DATA", raising=False)
+    result = data_path.run(Context(PROFILES["tiny"], torch.device("cpu"), 1), log=lambda m: None)
+    assert result.status == "skipped" and "LAYERLAB_DATA" in result.skipped
+    assert "skipped" in render(result)
+
+
+@pytest.mark.cifar
+@pytest.mark.skipif(not os.environ.get("LAYERLAB_DATA"), reason="needs LAYERLAB_DATA (real CIFAR-10)")
+def test_data_path_tiny_on_cifar():
+    import torch
+
+    from benchmarks import data_path
+    from benchmarks.common import PROFILES, Context
+
+    result = data_path.run(Context(PROFILES["tiny"], torch.device("cpu"), 1), log=lambda m: None)
+    assert result.status in ("ok", "missed"), result.skipped
+    rows = {r["candidate"]: r for r in result.table}
+    assert rows["layerlab"]["images"] == rows["torchvision"]["images"] == 2 * 16
+    assert result.figures["train_images"] == 50000
