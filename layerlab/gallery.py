@@ -116,7 +116,8 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
             "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "threads": _threads()}
     path = out / MANIFEST
     old = runs.read_json(path) if path.exists() else {}
-    calls = [c for c in old.get("calls", []) if old.get("profile") == ctx.profile] + [call]
+    same_setting = old.get("profile") == ctx.profile and old.get("figure_settings") == _jsonable(asdict(ctx.s))
+    calls = (old.get("calls", []) if same_setting else []) + [call]  # earlier calls made with this setting
     data_root = ctx.data_dir or os.environ.get("LAYERLAB_DATA")
     manifest = {
         "group": out.name, "key": key, "notebook": f"notebooks/{FIGURES[key][0]}",

@@ -66,6 +66,27 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def wait_unlocked(out: str | os.PathLike, log=print) -> bool:
+    """Block while another process holds ``out``'s run lock (see :func:`run_lock`); True when it had to wait."""
+    path = Path(out)
+    lock = path.parent / f".{path.name}.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            if log:
+                log(f"waiting for {fh.read().strip() or 'another process'} to finish training {path}")
+            fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder releases it (or dies)
+            waited = True
+        else:
+            waited = False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return waited
+
+
 def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Create ``out`` for a new run; refuse to touch an existing run unless told to resume or overwrite."""
     path = Path(out)

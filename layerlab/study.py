@@ -60,13 +60,21 @@ def _plan(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> tuple[str, Any]:
 
 def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: bool, splits=None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``, re-use it when finished with the same config, resume it when interrupted
-    (under torchrun rank 0 looks at the directory and every rank follows its decision)."""
-    action, value = distributed.on_main(lambda: _plan(cfg, run_dir, overwrite))
-    if action == "reuse":
-        return value
-    if action == "resume":
-        return train(cfg, run_dir, resume=True, progress=progress, splits=splits)
-    return train(cfg, run_dir, overwrite=value, progress=progress, splits=splits)
+    (under torchrun rank 0 looks at the directory and every rank follows its decision). When another process
+    is training ``run_dir`` (two studies sharing a run root), wait for it, then decide."""
+    while True:
+        distributed.on_main(lambda: runs.wait_unlocked(run_dir))
+        action, value = distributed.on_main(lambda: _plan(cfg, run_dir, overwrite))
+        if action == "reuse":
+            return value
+        try:
+            if action == "resume":
+                return train(cfg, run_dir, resume=True, progress=progress, splits=splits)
+            return train(cfg, run_dir, overwrite=value, progress=progress, splits=splits)
+        except runs.RunDirBusyError:  # another process took the lock between the wait and the plan
+            if distributed.active():
+                raise
+            overwrite = False  # what the other process wrote is not ours to replace
 
 
 def _row(name: str, spec: str, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:

@@ -241,10 +241,11 @@ def _eval_epoch(s: Setup, epoch: int) -> dict[str, float]:
     cfg = s.cfg
     kw = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.epoch_eval_steps, norm=cfg.norm,
               batch_size=cfg.eval_batch_size, seed=cfg.seed)
-    test = evaluate(s.model, s.splits.test, limit=cfg.eval_size, **kw)
+    with _autocast(cfg, s.device):  # as the model trains (bf16 under --amp); the final evaluation is fp32
+        test = evaluate(s.model, s.splits.test, limit=cfg.eval_size, **kw)
+        val = evaluate(s.model, s.splits.val, **kw) if s.splits.val is not None and len(s.splits.val) else None
     row = {"natural_acc": test["natural_acc"], "robust_acc": test.get("robust_acc")}
-    if s.splits.val is not None and len(s.splits.val):
-        val = evaluate(s.model, s.splits.val, **kw)
+    if val is not None:
         row.update(val_natural_acc=val["natural_acc"], val_robust_acc=val.get("robust_acc"))
     return row
 
