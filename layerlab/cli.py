@@ -431,13 +431,15 @@ def reproduce(
     data_dir: Optional[str] = DataDirOpt,
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="progress bars (default: on except at smoke scale)"),
+    records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
+                                           "restore missing runs from it first, export finished runs to it"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
     from layerlab.reproduce import FIGURES
     from layerlab.reproduce import reproduce as run_all
 
     try:
-        done = run_all(profile, runs, figures, data_dir, progress=progress,
+        done = run_all(profile, runs, figures, data_dir, progress=progress, records=records,
                        only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
                        log=lambda text: typer.echo(text, err=True))
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
@@ -446,6 +448,40 @@ def reproduce(
         typer.echo(f"{name} ({FIGURES[name][0]}):")
         for path in paths.values():
             typer.echo(f"  {path}")
+
+
+records_app = typer.Typer(help="Run records: a run root's small result files, kept where checkpoints cannot be.",
+                          no_args_is_help=True)
+app.add_typer(records_app, name="records")
+
+
+@records_app.command("export")
+def records_export(
+    runs: Path = typer.Option(..., "--runs", help="run root whose finished runs are exported"),
+    to: Path = typer.Option(..., "--to", help="records directory (e.g. results/runs-cpu)"),
+) -> None:
+    """Copy every finished run's JSON/JSONL/CSV results (never checkpoints) to TO/RUN/."""
+    from layerlab.records import export_records
+
+    try:
+        names = export_records(runs, to)
+    except FileNotFoundError as err:
+        _fail(err)
+    typer.echo(f"exported {len(names)} runs to {to}: {', '.join(names)}")
+
+
+@records_app.command("restore")
+def records_restore(
+    src: Path = typer.Option(..., "--from", help="records directory"),
+    runs: Path = typer.Option(..., "--runs", help="run root to restore the missing runs into"),
+) -> None:
+    """Lay recorded runs into RUNS where they are missing (marked record.json; retrained when weights are needed)."""
+    from layerlab.records import restore_records
+
+    if not src.is_dir():
+        _fail(FileNotFoundError(f"records directory {src} does not exist"))
+    names = restore_records(src, runs)
+    typer.echo(f"restored {len(names)} runs into {runs}: {', '.join(names)}")
 
 
 @app.command()

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layerlab import runs
+from layerlab.records import copy_results
 
 if TYPE_CHECKING:
     from layerlab.reproduce import Context
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
-MAX_COPY_BYTES = 2_000_000  # result files larger than this stay in the run directory
-COPIED_SUFFIXES = (".json", ".jsonl", ".csv")
 MAX_TABLE_ROWS = 40  # longer CSV tables are linked, not shown
 # Figure settings that differ between the profiles and are worth naming next to a figure.
 COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "epochs",
@@ -60,17 +59,6 @@ def paper_differences(ctx: Context) -> list[str]:
     return out
 
 
-def _copy_results(run_dir: Path, dest: Path) -> list[str]:
-    """Copy a run's small result files (not checkpoints) to ``dest``; returns the copied names."""
-    copied = []
-    for path in sorted(run_dir.iterdir()):
-        if path.is_file() and path.suffix in COPIED_SUFFIXES and path.stat().st_size <= MAX_COPY_BYTES:
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest / path.name)
-            copied.append(path.name)
-    return copied
-
-
 def _run_row(name: str, run_dir: Path, started: float) -> dict[str, Any]:
     """A used run's identity, results and training time (``trained_in_call``: finished during this call)."""
     summary_path = run_dir / "summary.json"
@@ -103,7 +91,7 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
     wall = finished.timestamp() - ctx.started
     used = [_run_row(name, d, ctx.started) for name, d in sorted(ctx.used.items())]
     for row in used:
-        row["copied"] = _copy_results(Path(row["dir"]), out / DATA_DIR / row["run"])
+        row["copied"] = copy_results(Path(row["dir"]), out / DATA_DIR / row["run"])
     for src in extra_sources:
         if src.is_file():
             (out / DATA_DIR).mkdir(parents=True, exist_ok=True)

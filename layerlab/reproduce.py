@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 from layerlab import runs
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.layerwise import paper_specs
+from layerlab.records import export_records, is_record, materialize, restore_records
 
 PathMap = dict[str, Path]
 RUN_ROOT = "runs/reproduce"  # the notebooks' and `layerlab reproduce`'s default run root (git ignores runs/)
@@ -298,6 +299,7 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
     kw = dict(n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0)
     todo = missing(report)
     if todo:
+        materialize(run_dir, progress=ctx.progress)
         report = evaluate_run(run_dir, todo, **kw)
         if missing(report):  # an older report with another n was replaced: run the whole list
             report = evaluate_run(run_dir, list(attacks), **kw)
@@ -314,6 +316,7 @@ def cka_result(ctx: Context, run_dir: Path) -> Path:
         old = runs.read_json(path)
         if old.get("mode") == "nat-vs-adv" and old.get("n") == want and old.get("checkpoint") == "best":
             return path
+    materialize(run_dir, progress=ctx.progress)
     _, path = cka_run(run_dir, n=ctx.s.cka_n, batch_size=ctx.s.cka_batch, data_dir=ctx.data_dir,
                       progress=ctx.progress)
     return path
@@ -334,6 +337,7 @@ def corruption_result(ctx: Context, run_dir: Path) -> Path:
                                                                           or ctx.s.corruption_n)
         if want <= have and n_ok:
             return path
+    materialize(run_dir, progress=ctx.progress)
     csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n, severities=list(ctx.s.corruption_severities),
                                  data_dir=ctx.data_dir)
     return csv
@@ -349,10 +353,10 @@ def _same_runs(json_path: Path, run_dirs: Sequence[Path], n: int) -> bool:
 
 def lsc_result(ctx: Context, run_dir: Path) -> PathMap:
     """``RUN/lsc.csv`` and ``RUN/removal_rate.csv`` over evenly spaced per-epoch checkpoints, computed once."""
-    from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, run_lsc
+    from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, recorded_epoch_checkpoints, run_lsc
 
     paths = {"lsc": run_dir / "lsc.csv", "removal_rate": run_dir / "removal_rate.csv"}
-    per_epoch = epoch_checkpoints(run_dir)
+    per_epoch = recorded_epoch_checkpoints(run_dir) if is_record(run_dir) else epoch_checkpoints(run_dir)
     tokens = [str(p) for p in _spread(per_epoch, ctx.s.lsc_panels)] or ["best", "last"]
     if all(p.exists() for p in paths.values()):
         import pandas as pd
@@ -360,6 +364,7 @@ def lsc_result(ctx: Context, run_dir: Path) -> PathMap:
         old = pd.read_csv(paths["lsc"])
         if len(old) and old["checkpoint"].nunique() == len(tokens) and old["mu"].nunique() == ctx.s.lsc_points:
             return paths
+    materialize(run_dir, progress=ctx.progress)
     return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
                    directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps, data_dir=ctx.data_dir,
                    progress=ctx.progress, plot=False)
@@ -690,9 +695,13 @@ def figure_minpert_attributions(profile: str = "smoke", run_root: str | Path = R
     run_dirs = list(method_runs(ctx, ANALYSIS_METHODS).values())
     analysis = ctx.root / "analysis"
     if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
+        for run in run_dirs:
+            materialize(run, progress=ctx.progress)
         minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
                          steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
     if not _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n):
+        for run in run_dirs:
+            materialize(run, progress=ctx.progress)
         attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
                               layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
     return ctx.record(out, sources=(analysis / "minpert.json", analysis / "attributions.json"), paths={
@@ -807,19 +816,31 @@ FIGURES: dict[str, tuple[str, Callable[..., PathMap]]] = {
 
 def reproduce(profile: str = "smoke", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
               data_dir: str | None = None, *, only: Sequence[str] | None = None, progress: bool | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, PathMap]:
-    """Every figure group (or ``only`` those named), in notebook order: what ``layerlab reproduce`` runs."""
+              records: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, PathMap]:
+    """Every figure group (or ``only`` those named), in notebook order: what ``layerlab reproduce`` runs.
+
+    ``records`` (a directory, e.g. ``results/runs-cpu``) carries a long gallery across machines: runs recorded
+    there and missing from the run root are restored before anything trains, and every finished run's result
+    files are exported there after each group (:mod:`layerlab.records`)."""
     names = list(FIGURES) if not only else list(only)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise ValueError(f"unknown figures {unknown}; choose from {', '.join(FIGURES)}")
     settings(profile)  # fail on a bad profile before any training
+    if records is not None:
+        restored = restore_records(records, Path(run_root))
+        if log and restored:
+            log(f"restored {len(restored)} runs from {records}: {', '.join(restored)}")
     done = {}
     for name in FIGURES:
         if name in names:
             if log:
                 log(f"{name} ({FIGURES[name][0]}) ...")
-            done[name] = FIGURES[name][1](profile, run_root, figures_dir, data_dir, progress=progress)
+            try:
+                done[name] = FIGURES[name][1](profile, run_root, figures_dir, data_dir, progress=progress)
+            finally:  # what finished is kept even when a later run fails
+                if records is not None:
+                    export_records(run_root, records)
     from layerlab.gallery import write_readme
 
     write_readme(figures_dir)

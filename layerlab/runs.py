@@ -66,6 +66,21 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def is_locked(out: str | os.PathLike) -> bool:
+    """Whether a process holds ``out``'s run lock right now (it is being trained)."""
+    path = Path(out)
+    lock = path.parent / f".{path.name}.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def wait_unlocked(out: str | os.PathLike, log=print) -> bool:
     """Block while another process holds ``out``'s run lock (see :func:`run_lock`); True when it had to wait."""
     path = Path(out)

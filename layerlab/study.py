@@ -67,6 +67,10 @@ def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: 
         action, value = distributed.on_main(lambda: _plan(cfg, run_dir, overwrite))
         if action == "reuse":
             return value
+        from layerlab.records import materialize_init
+
+        if not distributed.active():  # the run it starts from may be a record without weights: retrain it
+            materialize_init(cfg.init, progress=progress)
         try:
             if action == "resume":
                 return train(cfg, run_dir, resume=True, progress=progress, splits=splits)

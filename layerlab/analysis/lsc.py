@@ -55,6 +55,17 @@ def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def recorded_epoch_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The per-epoch checkpoints a run wrote (from its config's ``keep_every``), whether or not they are still
+    on disk: a run restored from a record (:mod:`layerlab.records`) names them without having them."""
+    from layerlab import runs
+
+    cfg = runs.read_json(Path(run_dir) / "config.json")["config"]
+    every, epochs = int(cfg.get("keep_every") or 0), int(cfg["epochs"])
+    folder = Path(run_dir) / "checkpoints"
+    return [folder / f"epoch-{e}.pt" for e in range(every, epochs + 1, every)] if every else []
+
+
 def resolve_checkpoints(run_dir: str | Path, tokens: Sequence[str]) -> list[tuple[str, Path]]:
     """(label, path) of each token: ``best``/``last`` of ``run_dir``, a checkpoint file, or a run directory
     (its best.pt)."""

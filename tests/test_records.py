@@ -1,0 +1,146 @@
+"""Run records (layerlab.records): export/restore round trips, retraining a record in place, and the waits of
+studies that share a run root."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from layerlab import runs
+from layerlab.analysis.lsc import recorded_epoch_checkpoints
+from layerlab.records import MARKER, export_records, is_record, materialize, restore_records
+from layerlab.study import run_or_reuse
+
+
+@pytest.fixture()
+def recorded(tmp_path, st_run):
+    """A records directory holding the tiny ST run plus an analysis file computed on it."""
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    runs.write_json(root / "ST" / "eval.json", {"checkpoint": "best", "n": 32, "results": {}})
+    (root / "analysis").mkdir()
+    runs.write_json(root / "analysis" / "minpert.json", {"models": []})
+    names = export_records(root, tmp_path / "records")
+    assert names == ["ST"]
+    return tmp_path / "records"
+
+
+def test_export_copies_results_never_checkpoints(recorded):
+    files = sorted(p.name for p in (recorded / "ST").iterdir())
+    assert {"config.json", "summary.json", "metrics.jsonl", "eval.json"} <= set(files)
+    assert not any(p.suffix == ".pt" for p in recorded.rglob("*"))
+    assert (recorded / "analysis" / "minpert.json").exists()
+
+
+def test_restored_record_is_reused_without_training(recorded, tmp_path, tiny_cfg, digits_splits):
+    root = tmp_path / "fresh"
+    assert restore_records(recorded, root) == ["ST"]
+    assert is_record(root / "ST") and (root / "ST" / MARKER).exists()
+    assert (root / "analysis" / "minpert.json").exists()
+    summary = run_or_reuse(tiny_cfg(method="st"), root / "ST", overwrite=False, progress=False, splits=digits_splits)
+    assert summary == runs.read_json(recorded / "ST" / "summary.json")
+    assert not (root / "ST" / "checkpoints").exists()  # re-used as recorded: nothing was trained
+
+
+def test_restore_never_touches_an_existing_run(recorded, tmp_path, st_run, snapshot_files):
+    root = tmp_path / "root2"
+    shutil.copytree(st_run, root / "ST")
+    (root / "ST" / "summary.json").unlink()  # an interrupted run: resume, not a record, must continue it
+    before = snapshot_files(root / "ST")
+    assert restore_records(recorded, root) == []
+    assert snapshot_files(root / "ST") == before
+
+
+def test_materialize_reproduces_the_record_and_keeps_its_analyses(recorded, tmp_path):
+    root = tmp_path / "fresh"
+    restore_records(recorded, root)
+    check = materialize(root / "ST", progress=False, log=None)
+    assert check["identical"], check  # training is deterministic: the same weights, the same summary
+    assert (root / "ST" / "checkpoints" / "best.pt").exists() and not is_record(root / "ST")
+    assert runs.read_json(root / "ST" / "eval.json") == runs.read_json(recorded / "ST" / "eval.json")
+    assert runs.read_json(root / "ST" / "reproduced.json")["identical"] is True
+    assert not (root / "ST.record").exists() and not (root / "ST" / MARKER).exists()
+    assert materialize(root / "ST", progress=False, log=None) == {}  # a run with weights is left alone
+
+
+def test_a_run_starting_from_a_record_retrains_the_record_first(recorded, tmp_path, tiny_cfg, digits_splits):
+    root = tmp_path / "fresh"
+    restore_records(recorded, root)
+    init = str(root / "ST" / "checkpoints" / "best.pt")
+    cfg = tiny_cfg(method="at", init=init, update="2")
+    summary = run_or_reuse(cfg, root / "U-2", overwrite=False, progress=False, splits=digits_splits)
+    assert summary["method"] == "at" and (root / "ST" / "checkpoints" / "best.pt").exists()
+    assert runs.read_json(root / "ST" / "reproduced.json")["identical"] is True
+
+
+def test_failed_retraining_puts_the_record_back(recorded, tmp_path, snapshot_files):
+    root = tmp_path / "fresh"
+    restore_records(recorded, root)
+    saved = runs.read_json(root / "ST" / "config.json")
+    saved["config"]["dataset"] = f"folder:{tmp_path / 'missing'}"  # the data it needs is gone
+    runs.write_json(root / "ST" / "config.json", saved)
+    before = snapshot_files(root / "ST")
+    with pytest.raises(FileNotFoundError):
+        materialize(root / "ST", progress=False, log=None)
+    assert snapshot_files(root / "ST") == before and is_record(root / "ST")
+
+
+def test_export_skips_a_run_being_trained(tmp_path, st_run):
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    with runs.run_lock(root / "ST"):
+        assert export_records(root, tmp_path / "rec") == []
+    assert export_records(root, tmp_path / "rec") == ["ST"]
+
+
+def test_export_names_a_missing_run_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_records(tmp_path / "nowhere", tmp_path / "rec")
+
+
+def test_a_study_waits_for_the_process_training_its_run(tmp_path, st_run, tiny_cfg, digits_splits):
+    """Two studies share a run root: the second waits for the first's run instead of failing, then re-uses it."""
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    code = (f"import time; from layerlab import runs\nwith runs.run_lock({str(root / 'ST')!r}):\n"
+            f" print('locked', flush=True); time.sleep(3)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert runs.is_locked(root / "ST")
+        start = time.monotonic()
+        summary = run_or_reuse(tiny_cfg(method="st"), root / "ST", overwrite=False, progress=False,
+                               splits=digits_splits)
+        assert time.monotonic() - start > 1.0  # it waited for the holder
+        assert summary == runs.read_json(st_run / "summary.json")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not runs.is_locked(root / "ST")
+
+
+def test_recorded_epoch_checkpoints_follow_the_config(tmp_path):
+    runs.write_json(tmp_path / "config.json", {"config": {"keep_every": 2, "epochs": 7}})
+    assert [p.name for p in recorded_epoch_checkpoints(tmp_path)] == ["epoch-2.pt", "epoch-4.pt", "epoch-6.pt"]
+    runs.write_json(tmp_path / "config.json", {"config": {"keep_every": 0, "epochs": 7}})
+    assert recorded_epoch_checkpoints(tmp_path) == []
+
+
+def test_records_cli_round_trip(tmp_path, st_run):
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    cli = CliRunner()
+    out = cli.invoke(app, ["records", "export", "--runs", str(root), "--to", str(tmp_path / "rec")])
+    assert out.exit_code == 0 and "exported 1 runs" in out.output
+    out = cli.invoke(app, ["records", "restore", "--from", str(tmp_path / "rec"), "--runs", str(tmp_path / "new")])
+    assert out.exit_code == 0 and "restored 1 runs" in out.output and is_record(tmp_path / "new" / "ST")
+    out = cli.invoke(app, ["records", "restore", "--from", str(tmp_path / "nope"), "--runs", str(tmp_path / "x")])
+    assert out.exit_code == 2 and "does not exist" in out.output
