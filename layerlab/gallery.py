@@ -27,7 +27,7 @@ DATA_DIR = "data"
 MAX_TABLE_ROWS = 40  # longer CSV tables are linked, not shown
 # Figure settings that differ between the profiles and are worth naming next to a figure.
 COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "epochs",
-                   "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed")
+                   "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed", "amp")
 
 
 def describe_data(dataset: str, data_dir: str | None) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from layerlab import runs
 
 MARKER = "record.json"  # in a restored run directory: it holds results, not checkpoints
+ASIDE = ".record"  # RUN.record/: where a record waits while its run is retrained
 ANALYSIS = "analysis"  # the run root's folder of multi-run results (minimum perturbation, attributions)
 COPIED_SUFFIXES = (".json", ".jsonl", ".csv")
 MAX_COPY_BYTES = 2_000_000  # larger result files stay in the run directory
@@ -58,7 +59,8 @@ def export_records(run_root: str | Path, dest: str | Path) -> list[str]:
     if not run_root.is_dir():
         raise FileNotFoundError(f"run root {run_root} does not exist; pass the --runs directory a study wrote")
     names = []
-    for run_dir in sorted(p for p in run_root.iterdir() if p.is_dir() and p.name != ANALYSIS):
+    for run_dir in sorted(p for p in run_root.iterdir()
+                          if p.is_dir() and p.name != ANALYSIS and not p.name.endswith(ASIDE)):
         if _finished(run_dir):
             copy_results(run_dir, dest / run_dir.name)
             names.append(run_dir.name)
@@ -110,7 +112,7 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
                 log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Retrain a record-only run in place from its saved config, so its checkpoints exist again.
 
-    The record is kept aside in ``RUN.record/`` while training. Its analysis files are put back only when
+    The record is kept aside in ``RUN.record/`` while training (and put back when training fails). Its analysis files are put back only when
     the retrained run reproduces the recorded summary (:data:`COMPARED`); either way the comparison is written
     to ``RUN/reproduced.json`` and returned. A run with checkpoints is returned unchanged (``{}``)."""
     from layerlab.config import TrainConfig
@@ -121,7 +123,7 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
         return {}
     cfg = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["config"])
     materialize_init(cfg.init, progress=progress, log=log)
-    aside = run_dir.with_name(run_dir.name + ".record")
+    aside = run_dir.with_name(run_dir.name + ASIDE)
     if aside.exists():
         shutil.rmtree(aside)
     run_dir.rename(aside)

@@ -89,9 +89,10 @@ def test_failed_retraining_puts_the_record_back(recorded, tmp_path, snapshot_fil
     assert snapshot_files(root / "ST") == before and is_record(root / "ST")
 
 
-def test_export_skips_a_run_being_trained(tmp_path, st_run):
+def test_export_skips_runs_being_trained_or_set_aside(tmp_path, st_run):
     root = tmp_path / "root"
     shutil.copytree(st_run, root / "ST")
+    shutil.copytree(st_run, root / "ST.record")  # a record waiting aside while its run retrains
     with runs.run_lock(root / "ST"):
         assert export_records(root, tmp_path / "rec") == []
     assert export_records(root, tmp_path / "rec") == ["ST"]
