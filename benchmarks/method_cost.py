@@ -163,8 +163,11 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
              "one-step = forward + backward (CE, all parameter gradients) of the training model on the batch",
              "at-rwp uses the defaults (c_min 1.7); at-rwp-all sets c_min=inf so every one of the K2=10 ascent "
              "steps is taken",
-             "CURE's floor above TRADES is two half backward passes (the RGP gradients of CE on x_nat and x_adv) "
-             "and two forward passes of the revision model; on a narrow model BatchNorm, ReLU and copies weigh "
-             "more against the convolutions, so the miniature's ratio is higher"]
+             "CURE's floor above TRADES is two full backward passes (the RGP gradients of CE on x_nat and x_adv "
+             "need every activation gradient) and two forward passes of the revision model: 2.0 one-steps of "
+             "FLOPs, CURE / TRADES = 1.222 in FLOPs at PGD-10 (FlopCounterMode)",
+             "on the CPU, activations of 32 MiB and more (full width, batch 128: layer 1) lie above glibc's dynamic "
+             "mmap ceiling and are fresh pages at every allocation, so page faults add to every method; passes "
+             "run while both training graphs are held fault most"]
     return Result(NAME, TITLE, table=main["table"], more_tables=more_tables, ratios=ratios, targets=targets,
                   notes=notes, figures=figures)

@@ -201,6 +201,84 @@ def test_rgp_mask_gives_exactly_the_lowest_rgp_entries_a_zero_update() -> None:
             assert (p != params[name]).float().mean() > 0.99, name
 
 
+def _reference_cure_step(model: nn.Module, rev: nn.Module, opt: torch.optim.SGD, x: torch.Tensor, y: torch.Tensor,
+                         gen: torch.Generator, rate: float, p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0,
+                         d: float = 0.5) -> None:
+    """One CURE step as first implemented, in plain autograd: PGD, two training forwards, theta_rev's two
+    forwards, both RGP gradients (retain_graph) before loss.backward, mask, SGD, restore, revise."""
+    eps, step = ATTACK.eps, ATTACK.alpha
+    model.eval()
+    with torch.no_grad():
+        p_clean = F.softmax(model(x).float(), dim=1)
+    delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
+    delta = (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
+    for _ in range(ATTACK.steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        inner = (F.cross_entropy(logits, y, reduction="sum")
+                 + alpha * F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum"))
+        (grad,) = torch.autograd.grad(inner, delta)
+        delta = (x + (delta.detach() + step * grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x
+    x_adv = (x + delta).detach()
+    model.train()
+    ln, la = model(x), model(x_adv)
+    loss = F.cross_entropy(ln, y) + F.kl_div(F.log_softmax(la, dim=1), F.softmax(ln, dim=1), reduction="batchmean")
+    cr = 0.0
+    for inputs, logits in ((x, ln), (x_adv, la)):
+        with torch.no_grad():
+            target = F.softmax(rev(inputs).float(), dim=1)
+        cr = cr + F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+    loss = loss + gamma * cr
+    opt.zero_grad(set_to_none=True)
+    convs = [w for _, w in masked_parameters(model, "conv")]
+    g_nat = torch.autograd.grad(F.cross_entropy(ln, y), convs, retain_graph=True)
+    g_adv = torch.autograd.grad(F.cross_entropy(la, y), convs, retain_graph=True)
+    loss.backward()
+    kept = []
+    for w, gn, ga in zip(convs, g_nat, g_adv):
+        score = (gn.abs() * alpha).add_(ga.abs(), alpha=1.0 - alpha).flatten()
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        mask[torch.sort(score, stable=True).indices[:mask_count(p, score.numel())]] = True
+        mask = mask.view(w.shape)
+        w.grad.masked_fill_(mask, 0.0)
+        kept.append((w, mask, w.detach().clone()))
+    opt.step()
+    with torch.no_grad():
+        for w, mask, before in kept:
+            w.copy_(torch.where(mask, before, w))
+        if float(torch.rand((), generator=gen)) < rate:
+            for rp, tp in zip(rev.parameters(), model.parameters()):
+                rp.mul_(d).add_(tp, alpha=1.0 - d)
+            for rm, tm in zip(rev.modules(), model.modules()):
+                if isinstance(tm, nn.BatchNorm2d):
+                    rm.running_mean.mul_(d).add_(tm.running_mean, alpha=1.0 - d)
+                    rm.running_var.mul_(d).add_(tm.running_var, alpha=1.0 - d)
+                    rm.num_batches_tracked.copy_(tm.num_batches_tracked)
+
+
+def test_cure_steps_equal_the_original_algorithm_bit_for_bit() -> None:
+    """Revision targets taken before the training forwards and the RGP gradients after loss.backward (which
+    save memory traffic) change no value: weights, statistics and theta_rev equal the original order's."""
+    x, y = _batch(16)
+    model = _model()
+    ref, rev_ref = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
+    method = build_method("cure", {"p": 30, "alpha": 0.1, "gamma": 1.0, "r": 0.9, "d": 0.5, "r_decay": "linear"})
+    method.setup(model)
+    opt, opt_ref = _sgd(model), _sgd(ref)
+    gen, gen_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    steps = 4
+    for s in range(steps):
+        ctx = StepContext(0, 1, s, steps, ATTACK, gen)
+        method.train_step(model, x, y, opt, ctx)
+        _reference_cure_step(ref, rev_ref, opt_ref, x, y, gen_ref, rate=0.9 * (1 - s / steps))
+    revision = _component(method, "revision")
+    assert 0 < revision.revisions < steps  # theta_rev moved, so the consistency term mattered
+    _assert_states_equal(_state(model), _state(ref))
+    _assert_states_equal(_state(revision.model), _state(rev_ref))
+    for a, b in zip(opt.param_groups[0]["params"], opt_ref.param_groups[0]["params"]):
+        assert torch.equal(opt.state[a]["momentum_buffer"], opt_ref.state[b]["momentum_buffer"])
+
+
 def test_revision_update_follows_eq7_and_never_changes_theta() -> None:
     x, y = _batch()
     model = _model()
@@ -261,8 +339,11 @@ def test_consistency_loss_equals_direct_computation_and_gamma0_skips_forwards() 
             p.add_(0.05 * torch.randn_like(p))
     model.train()
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    rev.before_loss(model, method.objective, x, x_adv, y, _ctx(0))  # theta_rev's targets, before theta's forwards
     out = method.objective.loss(model, x, x_adv, y, _ctx(0))
     got = rev.extra_loss(model, out, x, y, _ctx(0))
+    with pytest.raises(RuntimeError, match="before_loss"):  # the targets are used once
+        rev.extra_loss(model, out, x, y, _ctx(0))
 
     rev.model.eval()
     with torch.no_grad():

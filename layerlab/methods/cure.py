@@ -171,8 +171,9 @@ class RGPMask(Component):
     """Alg. 1 steps 6 and 11: per parameter tensor, the p% entries with the lowest RGP get a ZERO update.
 
     RGP(w) = alpha |dCE(x_nat)/dw| + (1 - alpha) |dCE(x_adv)/dw| (Eq. 6), from ``torch.autograd.grad`` on
-    the forward graphs the objective already built (no extra forwards), then the total loss is
-    backpropagated as usual. Exactly round(p% * numel) entries per masked tensor; ties broken by index.
+    the forward graphs the objective already built (no extra forwards), after the total loss has been
+    backpropagated as usual (the order changes no value; see :meth:`gradients`). Exactly round(p% * numel)
+    entries per masked tensor; ties broken by index.
 
     Mask semantics: the masked entries' gradients are set to 0 (the paper's step 11, so momentum buffers
     and gradient instruments only see the gradients of updated entries) *and* their values are saved
@@ -211,11 +212,8 @@ class RGPMask(Component):
         if (self.p == 0 or not self.params or self.warmup.active(ctx)
                 or out.logits_nat is None or out.logits_adv is None):
             return False
-        params = [p for _, p in self.params]
-        g_nat = torch.autograd.grad(F.cross_entropy(out.logits_nat, y), params, retain_graph=True, allow_unused=True)
-        g_adv = torch.autograd.grad(F.cross_entropy(out.logits_adv, y), params, retain_graph=True, allow_unused=True)
-        distributed.all_reduce_mean_([g for g in (*g_nat, *g_adv) if g is not None])  # same mask on every rank
-        loss.backward()
+        loss.backward(retain_graph=True)
+        g_nat, g_adv = self.gradients(out, y)
         self.masks, self._saved = {}, []
         with torch.no_grad():
             for (name, p), gn, ga in zip(self.params, g_nat, g_adv):
@@ -229,6 +227,15 @@ class RGPMask(Component):
                 self.masks[name] = mask
                 self._saved.append((p, mask, p.detach().clone()))
         return True
+
+    def gradients(self, out: Outputs, y: Tensor) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
+        """dCE(x_nat)/dw, dCE(x_adv)/dw of the masked tensors (rank-averaged), taken after ``loss.backward``: each
+        pass frees its graph as it goes, so its temporaries reuse that memory instead of faulting in fresh pages."""
+        params = [p for _, p in self.params]
+        g_nat = torch.autograd.grad(F.cross_entropy(out.logits_nat, y), params, allow_unused=True)
+        g_adv = torch.autograd.grad(F.cross_entropy(out.logits_adv, y), params, allow_unused=True)
+        distributed.all_reduce_mean_([g for g in (*g_nat, *g_adv) if g is not None])  # same mask on every rank
+        return g_nat, g_adv
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         with torch.no_grad():
@@ -301,6 +308,7 @@ class Revision(Component):
         self.draws = 0  # how many steps drew whether to revise
         self._params: list[tuple[Tensor, Tensor]] = []
         self._buffers: list[tuple[Tensor, Tensor]] = []
+        self._targets: list[Tensor] | None = None  # this step's p(.; rev), from before_loss to extra_loss
 
     def setup(self, model: nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -320,21 +328,30 @@ class Revision(Component):
         if not self.synced and not self.warmup.active(ctx):
             self.model.load_state_dict(distributed.unwrap(model).state_dict())
             self.synced = True
+        self._targets = None if self.gamma == 0 or self.warmup.active(ctx) else self.targets(x, x_adv)
 
-    def consistency(self, out: Outputs, x: Tensor) -> Tensor:
-        """L_CR (Eq. 8): batch-mean KL(p(.; rev) || p(.; theta)) on x_nat and x_adv, theta_rev under no_grad."""
-        pairs = [(x, out.logits_nat)] + ([(out.x_adv, out.logits_adv)] if out.logits_adv is not None else [])
+    @torch.no_grad()
+    def targets(self, x: Tensor, x_adv: Tensor | None) -> list[Tensor]:
+        """p(x_nat; rev) and p(x_adv; rev), taken before the training forwards: theta_rev does not change within
+        a step, and with no training graph alive yet their temporaries reuse freed memory (no page faults)."""
+        inputs = [x] + ([x_adv] if x_adv is not None else [])
+        return [F.softmax(self.model(batch).float(), dim=1) for batch in inputs]
+
+    def consistency(self, out: Outputs, targets: list[Tensor]) -> Tensor:
+        """L_CR (Eq. 8): batch-mean KL(p(.; rev) || p(.; theta)) on x_nat and x_adv, against :meth:`targets`."""
+        logits = [out.logits_nat] + ([out.logits_adv] if out.logits_adv is not None else [])
         total = 0.0
-        for inputs, logits in pairs:
-            with torch.no_grad():
-                target = F.softmax(self.model(inputs).float(), dim=1)
-            total = total + F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+        for target, step_logits in zip(targets, logits, strict=True):
+            total = total + F.kl_div(F.log_softmax(step_logits.float(), dim=1), target, reduction="batchmean")
         return total
 
     def extra_loss(self, model: nn.Module, out: Outputs, x: Tensor, y: Tensor, ctx: StepContext) -> Tensor | None:
         if self.gamma == 0 or self.warmup.active(ctx):
             return None
-        cr = self.consistency(out, x)
+        if self._targets is None:
+            raise RuntimeError("Revision.before_loss computes the revision targets; call it before extra_loss")
+        cr = self.consistency(out, self._targets)
+        self._targets = None
         out.terms["cr"] = cr.detach()
         return self.gamma * cr
 
