@@ -98,12 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     profile = args.profile or ("quick" if args.quick else "full")
 
+    from layerlab.system import tune_cpu_allocator
     from layerlab.train import resolve_device
 
     set_threads(args.threads)
+    allocator_tuned = tune_cpu_allocator()  # as the layerlab CLI trains (layerlab.system)
     device = resolve_device(args.device)
     ctx = Context(PROFILES[profile], device, args.threads)
-    info = machine_info(device, args.threads)
+    info = {**machine_info(device, args.threads), "malloc_tuned": allocator_tuned}
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"layerlab benchmarks, profile {profile}, {started}", flush=True)
     print("machine: " + json.dumps(info), flush=True)

@@ -508,7 +508,10 @@ def explore(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (the process is ours: tune glibc's allocator for training, see layerlab.system)."""
+    from layerlab.system import tune_cpu_allocator
+
+    tune_cpu_allocator()
     app(prog_name="layerlab")
 
 
