@@ -15,7 +15,7 @@ import platform
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
     cannot delete it; the OS releases it when the process ends, however it ends."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a+") as fh:
+    with open(_lock_path(path), "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,10 +66,15 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of run directory ``out`` (beside it, so ``--overwrite`` cannot delete it)."""
+    path = Path(out)
+    return path.parent / f".{path.name}.lock"
+
+
 def is_locked(out: str | os.PathLike) -> bool:
     """Whether a process holds ``out``'s run lock right now (it is being trained)."""
-    path = Path(out)
-    lock = path.parent / f".{path.name}.lock"
+    lock = _lock_path(out)
     if not lock.exists():
         return False
     with open(lock, "a+") as fh:
@@ -81,25 +86,17 @@ def is_locked(out: str | os.PathLike) -> bool:
     return False
 
 
-def wait_unlocked(out: str | os.PathLike, log=print) -> bool:
+def wait_unlocked(out: str | os.PathLike, log: Callable[[str], None] | None = print) -> bool:
     """Block while another process holds ``out``'s run lock (see :func:`run_lock`); True when it had to wait."""
-    path = Path(out)
-    lock = path.parent / f".{path.name}.lock"
-    if not lock.exists():
+    if not is_locked(out):
         return False
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            if log:
-                log(f"waiting for {fh.read().strip() or 'another process'} to finish training {path}")
-            fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder releases it (or dies)
-            waited = True
-        else:
-            waited = False
+    with open(_lock_path(out), "a+") as fh:
+        fh.seek(0)
+        if log:
+            log(f"waiting for {fh.read().strip() or 'another process'} to finish training {out}")
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder releases it (or dies)
         fcntl.flock(fh, fcntl.LOCK_UN)
-    return waited
+    return True
 
 
 def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
