@@ -282,7 +282,22 @@ def _select_subsets(
         tperms = _class_permutations(full_test.labels, tgen)
         tq = balanced_quotas([len(p) for p in tperms], test_size, tgen)
         test = full_test.subset(_gather(tperms, tq, from_end=False))
+    if len(test):
+        test = test.subset(interleave_classes(test.labels, _rng(0, 3)))  # the same order for every seed
     return train, val, test
+
+
+def interleave_classes(labels: Tensor, generator: torch.Generator) -> Tensor:
+    """An order of ``labels``' indices that takes one example of each class in turn (seeded within a class), so
+    every prefix is class-balanced: evaluations on the first N test images (per-epoch PGD, the attack suite,
+    CKA, corruptions, minimum perturbation) then see every class, whatever order the files were stored in
+    (an image-folder tree is sorted by class)."""
+    perms = _class_permutations(labels, generator)
+    rank = torch.empty(len(labels), dtype=torch.int64)
+    for p in perms:
+        rank[p] = torch.arange(len(p))
+    cls = labels.cpu().long()
+    return torch.argsort(rank * (int(cls.max()) + 1 if len(cls) else 1) + cls, stable=True)
 
 
 def _gather(perms: list[Tensor], quotas: list[int], *, from_end: bool) -> Tensor:

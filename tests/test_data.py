@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from layerlab.data import (
+    interleave_classes,
     DATASETS,
     DataNotFoundError,
     ImageSet,
@@ -397,3 +398,25 @@ def test_real_cifar10(real_cache):
         ref = decode_image(str(root / cls / "0000.jpg"), mode=ImageReadMode.RGB)
         hits = (full.test.images == ref).flatten(1).all(1).nonzero().flatten()
         assert len(hits) >= 1 and full.test.labels[hits[0]] == CIFAR_CLASSES.index(cls)
+
+
+def test_interleave_classes_makes_every_prefix_balanced():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)  # stored sorted by class, as an image-folder tree is
+    order = interleave_classes(labels, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(12))  # a permutation: the same examples
+    assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 2, 0]  # one per class in turn, leftovers last
+    again = interleave_classes(labels, torch.Generator().manual_seed(0))
+    other = interleave_classes(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(order, again) and not torch.equal(order, other)  # seeded within each class
+
+
+def test_class_sorted_folder_tree_gives_a_balanced_test_prefix(tmp_path):
+    """The first N test images (what per-epoch PGD and the analyses evaluate) cover every class."""
+    root = tmp_path / "tree"
+    _write_tree(root, {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 4, "b": 4, "c": 4}}, size=8)
+    for test_size in (None, 9):
+        s = load_splits(f"folder:{root}", cache_dir=str(tmp_path / "c"), test_size=test_size)
+        assert torch.bincount(s.test.labels[:3], minlength=3).tolist() == [1, 1, 1]
+        assert torch.bincount(s.test.labels[:6], minlength=3).tolist() == [2, 2, 2]
+        # labels still belong to their images (the pixel tag encodes the class)
+        assert torch.equal(s.test.images[:, 0, 0, 0].long() // 20, s.test.labels)
