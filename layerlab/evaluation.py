@@ -275,7 +275,7 @@ def robust_accuracy(model: nn.Module, data, settings: dict[str, Any], *, batch_s
     """Accuracy (percent) under one attack on the first ``limit`` examples."""
     x, y = first_examples(data, limit)
     mask, _, _ = correct_under(model, x, y, settings, batch_size=batch_size, seed=seed)
-    return 100.0 * float(mask.float().mean()) if len(mask) else 0.0
+    return percent(mask) if len(mask) else 0.0
 
 
 def first_examples(data, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -287,6 +287,11 @@ def first_examples(data, limit: int | None) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------
 # the suite
 # --------------------------------------------------------------------------------------
+
+
+def percent(mask: Tensor) -> float:
+    """Percent of True entries, exact (a float32 mean is off by ~1e-6, enough to break worst-case comparisons)."""
+    return 100.0 * int(mask.sum()) / max(1, mask.numel())
 
 
 def mask_to_str(mask: Tensor) -> str:
@@ -310,7 +315,7 @@ def worst_case(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for norm, names in groups.items():
         members = (["natural"] if "natural" in results else []) + sorted(names)
         mask = torch.stack([str_to_mask(results[m]["correct"]) for m in members]).all(0)
-        out[norm] = {"accuracy": 100.0 * float(mask.float().mean()), "attacks": members,
+        out[norm] = {"accuracy": percent(mask), "attacks": members,
                      "eps": results[names[0]]["settings"]["eps"], "correct": mask_to_str(mask)}
     return out
 
@@ -359,12 +364,12 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[str
             for point in sweep_settings(s):
                 mask, bounds, mode = correct_under(model, x, y, point, batch_size=batch_size, seed=seed)
                 sweep["points"].append({"eps": point["eps"], "eps_255": point["eps"] * 255,
-                                        "accuracy": 100.0 * float(mask.float().mean()), "settings": point,
+                                        "accuracy": percent(mask), "settings": point,
                                         "bounds": bounds, "eval_mode": mode})
             sweep["seconds"] = time.time() - t0
             continue
         mask, bounds, mode = correct_under(model, x, y, s, batch_size=batch_size, seed=seed)
-        results[s["name"]] = {"accuracy": 100.0 * float(mask.float().mean()), "settings": s, "bounds": bounds,
+        results[s["name"]] = {"accuracy": percent(mask), "settings": s, "bounds": bounds,
                               "eval_mode": mode, "seconds": time.time() - t0, "correct": mask_to_str(mask)}
     report = finish_report(results, model_checks, sweep)
     report["n"] = len(y)

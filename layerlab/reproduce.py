@@ -231,14 +231,16 @@ def st_checkpoint(ctx: Context) -> str:
     return str(path)
 
 
-def freeze_runs(ctx: Context, reinit: bool = True) -> PathMap:
-    """ST, SAT (the comparison's AT run) and the U-spec runs of the freeze study; writes ``study.csv``.
+def freeze_runs(ctx: Context, reinit: bool = True, specs: Sequence[str] | None = None) -> PathMap:
+    """ST, SAT (the comparison's AT run) and the U-spec runs of the freeze study (``specs``, default the
+    profile's); writes ``study.csv``.
 
     Returns ``{"ST": ..., "SAT": ..., "U-23": ..., ...}``.
     """
     from layerlab.study import run_freeze_study
 
-    specs = ctx.s.specs if reinit else ctx.s.noreinit_specs
+    if specs is None:
+        specs = ctx.s.specs if reinit else ctx.s.noreinit_specs
     method_runs(ctx, ["st", "at"])  # AT with its per-epoch checkpoints; the study then re-uses ST and AT
     rows = run_freeze_study(ctx.cfg, ",".join(specs), ctx.root, method="at", reinit=reinit, sat=True,
                             progress=ctx.progress, st_epochs=ctx.s.st_epochs)
@@ -304,6 +306,14 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
         if missing(report):  # an older report with another n was replaced: run the whole list
             report = evaluate_run(run_dir, list(attacks), **kw)
     return report
+
+
+def evaluate_as_trained(ctx: Context, methods: Sequence[str], attacks: Sequence[str]) -> PathMap:
+    """Each method's run, with ``attacks`` run on it before the next method trains: an evaluation needs the run's
+    weights, and a long gallery's weights need not outlive the session that trained them (records keep results)."""
+    for method in methods:
+        evaluated(ctx, method_runs(ctx, [method])[method], attacks)
+    return method_runs(ctx, methods)
 
 
 def cka_result(ctx: Context, run_dir: Path) -> Path:
@@ -573,6 +583,9 @@ def figure_cka(profile: str = "smoke", run_root: str | Path = RUN_ROOT, figures_
 
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("02_cka")
+    for spec in ctx.s.specs:  # CKA of each U-spec model as soon as it is trained (it needs the weights)
+        for run in freeze_runs(ctx, reinit=True, specs=[spec]).values():
+            cka_result(ctx, run)
     models = freeze_runs(ctx, reinit=True)
     cure = method_runs(ctx, ["cure"])["cure"]
     jsons = {label: cka_result(ctx, run) for label, run in models.items()}
@@ -627,7 +640,7 @@ def figure_tradeoff(profile: str = "smoke", run_root: str | Path = RUN_ROOT, fig
     """Notebook 04, CURE Fig. 1 / 5a and a Table-1-style table (natural, PGD-20, CW-inf, AA, NRR)."""
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("04_tradeoff")
-    table = tradeoff_table(ctx, method_runs(ctx, ctx.s.methods))
+    table = tradeoff_table(ctx, evaluate_as_trained(ctx, ctx.s.methods, ctx.s.attacks))
     return ctx.record(out, {"table1": _write_csv(table, out / "cure_table1_tradeoff.csv"),
             "fig1": plot_tradeoff(table, out / "cure_fig1_fig5a_tradeoff.png")})
 
@@ -640,9 +653,7 @@ def figure_attack_strength(profile: str = "smoke", run_root: str | Path = RUN_RO
 
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("05_attack_strength")
-    run_dirs = method_runs(ctx, ctx.s.methods)
-    for run in run_dirs.values():
-        evaluated(ctx, run, ["natural", "eps-sweep"])
+    run_dirs = evaluate_as_trained(ctx, ctx.s.methods, ["natural", "eps-sweep"])
     return ctx.record(out, {"fig5b": plot_eps_sweep({r.name: r / "eval.json" for r in run_dirs.values()},
                                     out / "cure_fig5b_eps_sweep.png")})
 
@@ -675,7 +686,10 @@ def figure_corruptions(profile: str = "smoke", run_root: str | Path = RUN_ROOT,
 
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("07_corruptions")
-    csvs = {run.name: corruption_result(ctx, run) for run in method_runs(ctx, ANALYSIS_METHODS).values()}
+    csvs = {}
+    for method in ANALYSIS_METHODS:  # each analysed before the next trains (the analysis needs the weights)
+        run = method_runs(ctx, [method])[method]
+        csvs[run.name] = corruption_result(ctx, run)
     paths = {"fig7": plot_corruption_groups(csvs, out / "cure_fig7_corruption_groups.png")}
     for name, csv in csvs.items():
         paths[f"fig9_{name}"] = plot_corruptions(csv, out / f"cure_fig9_corruptions_{name}.png", title=name)
@@ -718,7 +732,10 @@ def figure_lsc(profile: str = "smoke", run_root: str | Path = RUN_ROOT, figures_
 
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("09_lsc")
-    results = {run.name: lsc_result(ctx, run) for run in method_runs(ctx, ["at", "rwp"]).values()}
+    results = {}
+    for method in ("at", "rwp"):  # each analysed before the next trains (LSC needs the per-epoch weights)
+        run = method_runs(ctx, [method])[method]
+        results[run.name] = lsc_result(ctx, run)
     paths = {f"fig2_{name}": plot_lsc(r["lsc"], out / f"rwp_fig2_lsc_{name}.png") for name, r in results.items()}
     paths["fig1b"] = plot_removal_rates({n: r["removal_rate"] for n, r in results.items()},
                                         out / "rwp_fig1b_removal_rate.png")
