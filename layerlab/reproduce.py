@@ -708,14 +708,14 @@ def figure_minpert_attributions(profile: str = "smoke", run_root: str | Path = R
     out = ctx.group("08_minpert_attributions")
     run_dirs = list(method_runs(ctx, ANALYSIS_METHODS).values())
     analysis = ctx.root / "analysis"
-    if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
-        for run in run_dirs:
+    if not (_same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n)
+            and _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n)):
+        for run in run_dirs:  # both analyses load the models' weights
             materialize(run, progress=ctx.progress)
+    if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
         minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
                          steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
     if not _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n):
-        for run in run_dirs:
-            materialize(run, progress=ctx.progress)
         attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
                               layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
     return ctx.record(out, sources=(analysis / "minpert.json", analysis / "attributions.json"), paths={
