@@ -68,7 +68,21 @@ def _run_row(name: str, run_dir: Path, started: float) -> dict[str, Any]:
             "reinit": cfg.get("reinit"), "init": cfg.get("init"), "method_args": cfg.get("method_args"),
             "seed": cfg.get("seed"), "epochs": s["epochs"], "natural_acc": s["natural_acc"],
             "robust_acc": s["robust_acc"], "nrr": s["nrr"], "best_epoch": s["best_epoch"],
-            "train_seconds": s["seconds"], "trained_in_call": summary_path.stat().st_mtime >= started}
+            "train_seconds": s["seconds"], "trained_in_call": summary_path.stat().st_mtime >= started,
+            **_analysis_cost(run_dir)}
+
+
+# result file -> the analysis kind its cost is logged under (``runs.costed``)
+ANALYSIS_FILES = {"eval.json": "eval", "cka.json": "cka", "corruptions.csv": "corruptions", "lsc.csv": "lsc",
+                  "minpert.json": "minpert", "attributions.json": "attributions"}
+
+
+def _analysis_cost(directory: Path) -> dict[str, Any]:
+    """The analysis CPU seconds logged in ``directory/costs.jsonl`` and the result files with no logged cost
+    (made before costs were logged)."""
+    costs = runs.analysis_costs(directory)
+    uncosted = sorted(f for f, kind in ANALYSIS_FILES.items() if (directory / f).exists() and kind not in costs)
+    return {"analysis_seconds": round(sum(costs.values()), 1), "analysis_costs": costs, "uncosted": uncosted}
 
 
 def figure_key(group: str) -> str:
@@ -96,11 +110,12 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
         if src.is_file():
             (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out / DATA_DIR / src.name)
+    shared = {str(d): _analysis_cost(d) for d in sorted({s.parent for s in extra_sources if s.is_file()})}
     trained = sum(r["train_seconds"] for r in used if r["trained_in_call"])
     key = figure_key(out.name)
     env = runs.environment()
     call = {"finished": finished.isoformat(timespec="seconds"), "wall_seconds": round(wall, 1),
-            "training_seconds": round(trained, 1), "analysis_seconds": round(max(0.0, wall - trained), 1),
+            "training_seconds": round(trained, 1),
             "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "threads": _threads()}
     path = out / MANIFEST
     old = runs.read_json(path) if path.exists() else {}
@@ -115,7 +130,7 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
         "profile": ctx.profile, "data": describe_data(ctx.cfg.dataset, ctx.data_dir),
         "seeds": {"training": ctx.cfg.seed, "evaluation_and_analysis": 0},
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
-        "runs": used, "calls": calls, "differences_from_paper": paper_differences(ctx),
+        "runs": used, "shared_analyses": shared, "calls": calls, "differences_from_paper": paper_differences(ctx),
         "figure_settings": _jsonable(asdict(ctx.s)), "environment": env,
     }
     runs.write_json(path, manifest)
@@ -151,12 +166,24 @@ def read_manifests(figures: Path) -> list[dict[str, Any]]:
     return [runs.read_json(p) for p in sorted(Path(figures).glob(f"*/{MANIFEST}"))]
 
 
-def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, float]:
-    """Training time of every distinct run plus every call's analysis time (what the gallery cost)."""
-    trained = {r["dir"]: r["train_seconds"] for m in manifests for r in m["runs"]}
-    analysis = sum(c["analysis_seconds"] for m in manifests for c in m["calls"])
-    return {"runs": len(trained), "training_seconds": sum(trained.values()), "analysis_seconds": analysis,
-            "total_seconds": sum(trained.values()) + analysis}
+def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the gallery cost: the training time of every distinct run plus the analysis time logged in every
+    distinct run or shared-analysis directory (the largest, i.e. latest, value seen), and the result files
+    whose cost was never logged. Drawing the figures (the calls' wall time) is listed per group, not here."""
+    trained: dict[str, float] = {}
+    analysis: dict[str, float] = {}
+    uncosted: set[str] = set()
+    for m in manifests:
+        entries = [(r["dir"], r) for r in m["runs"]] + list(m.get("shared_analyses", {}).items())
+        for r in m["runs"]:
+            trained[r["dir"]] = r["train_seconds"]
+        for directory, entry in entries:
+            if "analysis_seconds" in entry:
+                analysis[directory] = max(analysis.get(directory, 0.0), entry["analysis_seconds"])
+                uncosted.update(f"{Path(directory).name}/{f}" for f in entry.get("uncosted", []))
+    training, analysed = sum(trained.values()), sum(analysis.values())
+    return {"runs": len(trained), "training_seconds": training, "analysis_seconds": analysed,
+            "total_seconds": training + analysed, "uncosted": sorted(uncosted)}
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
@@ -226,7 +253,11 @@ def write_readme(figures: str | Path) -> Path:
              "(`layerlab/reference.py`, with their table numbers).", "",
              f"Groups made: {len(manifests)} of 12. Cost so far: {cost['runs']} training runs, "
              f"{_hours(cost['training_seconds'])} of training + {_hours(cost['analysis_seconds'])} of analysis = "
-             f"{_hours(cost['total_seconds'])} wall time on this machine.", ""]
+             f"{_hours(cost['total_seconds'])} on this machine (drawing the figures: the calls' wall time "
+             f"in each group).", ""]
+    if cost["uncosted"]:
+        lines += [f"Not in that sum: {len(cost['uncosted'])} analysis result(s) made before analysis costs were "
+                  f"logged ({', '.join(cost['uncosted'])}).", ""]
     for m in manifests:
         lines += _group_section(m, figures)
     path = figures / "README.md"

@@ -146,5 +146,8 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     elif log:
         log(f"warning: retrained {run_dir.name} differs from its record ({check}); recorded analyses dropped")
     runs.write_json(run_dir / "reproduced.json", check)
+    # the record's training was CPU time too (summary.json now holds the retrain's seconds)
+    runs.append_jsonl(run_dir / runs.COSTS, {"what": "training (the record retrained from)",
+                                             "seconds": recorded.get("seconds", 0.0)})
     shutil.rmtree(aside)
     return check

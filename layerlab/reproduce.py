@@ -302,9 +302,10 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
     todo = missing(report)
     if todo:
         materialize(run_dir, progress=ctx.progress)
-        report = evaluate_run(run_dir, todo, **kw)
-        if missing(report):  # an older report with another n was replaced: run the whole list
-            report = evaluate_run(run_dir, list(attacks), **kw)
+        with runs.costed(run_dir, "eval"):
+            report = evaluate_run(run_dir, todo, **kw)
+            if missing(report):  # an older report with another n was replaced: run the whole list
+                report = evaluate_run(run_dir, list(attacks), **kw)
     return report
 
 
@@ -327,8 +328,9 @@ def cka_result(ctx: Context, run_dir: Path) -> Path:
         if old.get("mode") == "nat-vs-adv" and old.get("n") == want and old.get("checkpoint") == "best":
             return path
     materialize(run_dir, progress=ctx.progress)
-    _, path = cka_run(run_dir, n=ctx.s.cka_n, batch_size=ctx.s.cka_batch, data_dir=ctx.data_dir,
-                      progress=ctx.progress)
+    with runs.costed(run_dir, "cka"):
+        _, path = cka_run(run_dir, n=ctx.s.cka_n, batch_size=ctx.s.cka_batch, data_dir=ctx.data_dir,
+                          progress=ctx.progress)
     return path
 
 
@@ -348,8 +350,9 @@ def corruption_result(ctx: Context, run_dir: Path) -> Path:
         if want <= have and n_ok:
             return path
     materialize(run_dir, progress=ctx.progress)
-    csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n, severities=list(ctx.s.corruption_severities),
-                                 data_dir=ctx.data_dir)
+    with runs.costed(run_dir, "corruptions"):
+        csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n, severities=list(ctx.s.corruption_severities),
+                                     data_dir=ctx.data_dir)
     return csv
 
 
@@ -375,9 +378,10 @@ def lsc_result(ctx: Context, run_dir: Path) -> PathMap:
         if len(old) and old["checkpoint"].nunique() == len(tokens) and old["mu"].nunique() == ctx.s.lsc_points:
             return paths
     materialize(run_dir, progress=ctx.progress)
-    return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
-                   directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps, data_dir=ctx.data_dir,
-                   progress=ctx.progress, plot=False)
+    with runs.costed(run_dir, "lsc"):
+        return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
+                       directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps, data_dir=ctx.data_dir,
+                       progress=ctx.progress, plot=False)
 
 
 def _spread(items: Sequence[Any], k: int) -> list[Any]:
@@ -713,12 +717,15 @@ def figure_minpert_attributions(profile: str = "smoke", run_root: str | Path = R
         for run in run_dirs:  # both analyses load the models' weights
             materialize(run, progress=ctx.progress)
     if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
-        minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
-                         steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
+        with runs.costed(analysis, "minpert"):
+            minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
+                             steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
     if not _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n):
-        attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
-                              layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
-    return ctx.record(out, sources=(analysis / "minpert.json", analysis / "attributions.json"), paths={
+        with runs.costed(analysis, "attributions"):
+            attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
+                                  layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
+    sources = (analysis / "minpert.json", analysis / "attributions.json", analysis / runs.COSTS)
+    return ctx.record(out, sources=sources, paths={
                       "fig8_minpert": plot_minpert(analysis / "minpert.json", out / "cure_fig8_minpert.png"),
             "fig8_attributions": plot_attributions(analysis / "attributions.json", out / "cure_fig8_attributions.png"),
             "fig8_blocks": plot_block_attributions(analysis / "attributions.json",
@@ -805,12 +812,16 @@ def figure_cure_ablation(profile: str = "smoke", run_root: str | Path = RUN_ROOT
 def figure_explorer(profile: str = "smoke", run_root: str | Path = RUN_ROOT,
                     figures_dir: str | Path = FIGURES_DIR, data_dir: str | None = None, *,
                     progress: bool | None = None) -> PathMap:
-    """Notebook 12: make sure the explorer has runs to show (ST, AT, CURE) and save a snapshot of its panels."""
+    """Notebook 12: make sure the explorer has runs to show (ST, AT, CURE, with the CKA and LSC results of the two
+    it selects, so no panel of the snapshot is empty) and save a snapshot of its panels."""
     from layerlab.explore import Explorer
 
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     out = ctx.group("12_explorer")
     found = method_runs(ctx, ["st", "at", "cure"])
+    for method in ("at", "cure"):
+        cka_result(ctx, found[method])
+        lsc_result(ctx, found[method])
     return ctx.record(out, Explorer(ctx.root, select=[found["at"].name, found["cure"].name]).save(out))
 
 

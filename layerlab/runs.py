@@ -25,6 +25,7 @@ from torch import nn
 from layerlab.config import dumps
 
 CHECKPOINT_KEYS = ("model", "meta")
+COSTS = "costs.jsonl"  # one line per analysis computed on a run (or a multi-run analysis directory)
 
 
 class RunDirExistsError(FileExistsError):
@@ -151,6 +152,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def costed(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Time the block and, when it succeeds, append ``{what, seconds, finished, threads}`` to
+    ``directory/costs.jsonl``: the CPU time a gallery spent on each analysis, kept next to its result."""
+    import time
+
+    start = time.perf_counter()
+    yield
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    append_jsonl(Path(directory) / COSTS, {"what": what, "seconds": round(time.perf_counter() - start, 2),
+                                           "finished": _now(), "threads": torch.get_num_threads()})
+
+
+def analysis_costs(directory: str | os.PathLike) -> dict[str, float]:
+    """Seconds spent per analysis kind in ``directory`` (summed over its ``costs.jsonl`` entries)."""
+    out: dict[str, float] = {}
+    for row in read_jsonl(Path(directory) / COSTS):
+        out[row["what"]] = out.get(row["what"], 0.0) + float(row["seconds"])
+    return out
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:

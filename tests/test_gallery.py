@@ -39,3 +39,34 @@ def test_comparison_reads_our_csv_beside_the_paper(tmp_path):
 def test_markdown_table_blanks_missing_values():
     assert markdown_table([{"a": 1.234, "b": None}, {"a": float("nan"), "b": "x"}]) == [
         "| a | b |", "|---|---|", "| 1.23 |  |", "|  | x |"]
+
+
+def test_costed_logs_an_analysis_only_when_it_succeeds(tmp_path):
+    from layerlab import runs
+
+    with runs.costed(tmp_path, "cka"):
+        pass
+    with pytest.raises(RuntimeError), runs.costed(tmp_path, "eval"):
+        raise RuntimeError("attack failed")
+    with runs.costed(tmp_path, "cka"):
+        pass
+    costs = runs.analysis_costs(tmp_path)
+    assert set(costs) == {"cka"} and costs["cka"] >= 0 and len(runs.read_jsonl(tmp_path / runs.COSTS)) == 2
+
+
+def test_gallery_cpu_time_counts_each_run_and_analysis_once(tmp_path):
+    from layerlab.gallery import _analysis_cost, gallery_cpu_time
+    from layerlab import runs
+
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "cka.json").write_text("{}")
+    runs.append_jsonl(tmp_path / runs.COSTS, {"what": "eval", "seconds": 30.0})
+    entry = _analysis_cost(tmp_path)
+    assert entry["analysis_seconds"] == 30.0 and entry["uncosted"] == ["cka.json"]
+    run = {"dir": str(tmp_path), "train_seconds": 100.0, **entry}
+    older = {**run, "analysis_seconds": 10.0}  # the same run read by an earlier group, before its eval grew
+    shared = {"/root/analysis": {"analysis_seconds": 5.0, "analysis_costs": {"minpert": 5.0}, "uncosted": []}}
+    manifests = [{"runs": [older]}, {"runs": [run], "shared_analyses": shared}, {"runs": [run]}]
+    cost = gallery_cpu_time(manifests)
+    assert cost["runs"] == 1 and cost["training_seconds"] == 100.0 and cost["analysis_seconds"] == 35.0
+    assert cost["total_seconds"] == 135.0 and cost["uncosted"] == [f"{tmp_path.name}/cka.json"]

@@ -121,6 +121,9 @@ def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp
     assert {r["run"] for r in manifest["runs"]} == {"ST", "AT", "TRADES", "AWP", "RWP", "CURE"}
     assert not any(r["trained_in_call"] for r in manifest["runs"]) and manifest["calls"][-1]["training_seconds"] == 0
     assert (tmp_path / "04_tradeoff" / "data" / "CURE" / "eval.json").exists()
+    # every evaluation the tradeoff read was timed when it was made (in the notebook session), once per run
+    assert all(r["analysis_costs"].get("eval", 0) > 0 and r["uncosted"] == [] for r in manifest["runs"]
+               if r["run"] != "ST")
     assert not list((tmp_path / "04_tradeoff" / "data").rglob("*.pt"))
     readme = (tmp_path / "README.md").read_text()
     assert "## 04_tradeoff" in readme and "## 06_gradients" in readme and manifest["command"] in readme

@@ -63,6 +63,8 @@ def test_materialize_reproduces_the_record_and_keeps_its_analyses(recorded, tmp_
     assert (root / "ST" / "checkpoints" / "best.pt").exists() and not is_record(root / "ST")
     assert runs.read_json(root / "ST" / "eval.json") == runs.read_json(recorded / "ST" / "eval.json")
     assert runs.read_json(root / "ST" / "reproduced.json")["identical"] is True
+    recorded_seconds = runs.read_json(recorded / "ST" / "summary.json")["seconds"]
+    assert runs.analysis_costs(root / "ST") == {"training (the record retrained from)": recorded_seconds}
     assert not (root / "ST.record").exists() and not (root / "ST" / MARKER).exists()
     assert materialize(root / "ST", progress=False, log=None) == {}  # a run with weights is left alone
 
