@@ -485,11 +485,11 @@ def plot_block_gradient_panels(stats: dict[str, Any], path: Path) -> Path:
     from layerlab.plots.style import new_figure, save
 
     fig, axes = new_figure(ncols=len(stats), width=4.2, height=3.6)
-    for ax, (label, frame) in zip(axes[0], stats.items()):
+    for i, (ax, (label, frame)) in enumerate(zip(axes[0], stats.items())):
         data = block_gradients(frame)
         sns.lineplot(data=data, x="epoch", y="grad_mean_abs", hue="block", marker="o", ax=ax)
         ax.set_yscale("log")
-        ax.set(title=label, xlabel="epoch", ylabel="mean |gradient|")
+        ax.set(title=label, xlabel="epoch", ylabel="mean |gradient|" if i == 0 else "")  # one label per row
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="x-small")
     return save(fig, path)
