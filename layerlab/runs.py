@@ -8,12 +8,14 @@ loadable with ``torch.load(..., weights_only=True)``, and written atomically.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
 import platform
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,8 +160,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def costed(directory: str | os.PathLike, what: str) -> Iterator[None]:
     """Time the block and, when it succeeds, append ``{what, seconds, finished, threads}`` to
     ``directory/costs.jsonl``: the CPU time a gallery spent on each analysis, kept next to its result."""
-    import time
-
     start = time.perf_counter()
     yield
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -176,8 +176,6 @@ def analysis_costs(directory: str | os.PathLike) -> dict[str, float]:
 
 
 def _now() -> str:
-    import datetime as dt
-
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 

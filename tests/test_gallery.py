@@ -55,8 +55,8 @@ def test_costed_logs_an_analysis_only_when_it_succeeds(tmp_path):
 
 
 def test_gallery_cpu_time_counts_each_run_and_analysis_once(tmp_path):
-    from layerlab.gallery import _analysis_cost, gallery_cpu_time
     from layerlab import runs
+    from layerlab.gallery import _analysis_cost, gallery_cpu_time
 
     (tmp_path / "eval.json").write_text("{}")
     (tmp_path / "cka.json").write_text("{}")
