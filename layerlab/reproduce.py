@@ -449,6 +449,7 @@ def plot_cka_grid(json_paths: dict[str, Path], path: Path, title: str) -> Path:
         ax.set_ylabel("natural", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # rows of panels: keep each title clear of the tick labels above
     return save(fig, path)
 
 
