@@ -68,8 +68,19 @@ def _run_row(name: str, run_dir: Path, started: float) -> dict[str, Any]:
             "reinit": cfg.get("reinit"), "init": cfg.get("init"), "method_args": cfg.get("method_args"),
             "seed": cfg.get("seed"), "epochs": s["epochs"], "natural_acc": s["natural_acc"],
             "robust_acc": s["robust_acc"], "nrr": s["nrr"], "best_epoch": s["best_epoch"],
-            "train_seconds": s["seconds"], "trained_in_call": summary_path.stat().st_mtime >= started,
+            **_train_seconds(run_dir, s), "trained_in_call": summary_path.stat().st_mtime >= started,
             **_analysis_cost(run_dir)}
+
+
+def _train_seconds(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's whole training time (every process that trained it, with its evaluations). Summaries written before
+    ``final_eval_seconds`` existed held one process's epochs only: their epochs are summed from ``metrics.jsonl``
+    and the final evaluation, not timed then, is flagged."""
+    from layerlab.train import epoch_seconds
+
+    if "final_eval_seconds" in summary:
+        return {"train_seconds": summary["seconds"], "final_eval_timed": True}
+    return {"train_seconds": epoch_seconds(runs.read_jsonl(run_dir / "metrics.jsonl")), "final_eval_timed": False}
 
 
 # result file -> the analysis kind its cost is logged under (``runs.costed``)
@@ -173,17 +184,20 @@ def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     trained: dict[str, float] = {}
     analysis: dict[str, float] = {}
     uncosted: set[str] = set()
+    untimed: dict[str, bool] = {}
     for m in manifests:
         entries = [(r["dir"], r) for r in m["runs"]] + list(m.get("shared_analyses", {}).items())
         for r in m["runs"]:
             trained[r["dir"]] = r["train_seconds"]
+            untimed[r["dir"]] = not r.get("final_eval_timed", False)
         for directory, entry in entries:
             if "analysis_seconds" in entry:
                 analysis[directory] = max(analysis.get(directory, 0.0), entry["analysis_seconds"])
                 uncosted.update(f"{Path(directory).name}/{f}" for f in entry.get("uncosted", []))
     training, analysed = sum(trained.values()), sum(analysis.values())
     return {"runs": len(trained), "training_seconds": training, "analysis_seconds": analysed,
-            "total_seconds": training + analysed, "uncosted": sorted(uncosted)}
+            "total_seconds": training + analysed, "uncosted": sorted(uncosted),
+            "final_eval_untimed": sorted(Path(d).name for d, flag in untimed.items() if flag)}
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
@@ -258,6 +272,9 @@ def write_readme(figures: str | Path) -> Path:
     if cost["uncosted"]:
         lines += [f"Not in that sum: {len(cost['uncosted'])} analysis result(s) made before analysis costs were "
                   f"logged ({', '.join(cost['uncosted'])}).", ""]
+    if cost["final_eval_untimed"]:
+        lines += [f"Also not in it: the final evaluation of {len(cost['final_eval_untimed'])} run(s) trained before it "
+                  f"was timed ({', '.join(cost['final_eval_untimed'])}); their epochs are counted.", ""]
     for m in manifests:
         lines += _group_section(m, figures)
     path = figures / "README.md"

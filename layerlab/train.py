@@ -382,6 +382,7 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> d
     """Evaluate the final (and best) model on the test split and write ``summary.json``."""
     cfg = s.cfg
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
+    t_final = time.time()
     summary: dict[str, Any] = {
         "method": cfg.method, "model": cfg.model, "width": cfg.width, "dataset": s.splits.name,
         "epochs": cfg.epochs, "seed": cfg.seed, "update": cfg.update, "reinit": cfg.reinit,
@@ -398,5 +399,15 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> d
     summary["best"] = final_evaluation(s, best_model)
     for name, extra in s.method.extra_models().items():
         summary[name] = final_evaluation(s, extra)
+    # "seconds": the whole run's wall time over every process that trained it (a resumed run's earlier epochs
+    # too): each epoch with its evaluation, plus these final evaluations; "process_seconds": this process's epochs
+    summary["final_eval_seconds"] = time.time() - t_final
+    summary["process_seconds"] = seconds
+    summary["seconds"] = epoch_seconds(metrics) + summary["final_eval_seconds"]
     runs.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def epoch_seconds(metrics: list[dict[str, Any]]) -> float:
+    """Wall seconds of a run's epochs (training and per-epoch evaluation) from its ``metrics.jsonl`` rows."""
+    return float(sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in metrics))

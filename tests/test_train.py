@@ -17,9 +17,9 @@ from layerlab.data import eval_batches
 from layerlab.evaluation import model_from_checkpoint
 from layerlab.methods.base import Method, Objective, Outputs
 from layerlab.runs import CheckpointError, RunDirExistsError
-from layerlab.train import Callback, TrainingDiverged, evaluate, lr_at, nrr, train
+from layerlab.train import Callback, TrainingDiverged, epoch_seconds, evaluate, lr_at, nrr, train
 
-TIMING = ("seconds", "eval_seconds", "train_seconds_per_epoch")
+TIMING = ("seconds", "eval_seconds", "train_seconds_per_epoch", "final_eval_seconds", "process_seconds")
 
 
 def _without_timing(obj):
@@ -129,6 +129,10 @@ def test_resume_equals_an_uninterrupted_run(tiny_cfg, digits_splits, tmp_path, m
         assert _states_equal(best["model"], ref_best["model"]), name
         assert _without_timing(runs.read_jsonl(tmp_path / name / "metrics.jsonl")) == ref_metrics, name
         assert _without_timing(summary) == _without_timing(full), name
+        # the run's time counts every process that trained it: the resumed epochs and the final evaluation
+        metrics = runs.read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert summary["seconds"] == pytest.approx(epoch_seconds(metrics) + summary["final_eval_seconds"]), name
+        assert len(metrics) == 2 and summary["process_seconds"] > 0, name
         assert runs.read_json(tmp_path / name / "config.json")["config"] == cfg.to_dict()
 
 
