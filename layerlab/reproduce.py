@@ -297,15 +297,16 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
                 or (a == "eps-sweep" and not _sweep_ok(rep, ctx.s.sweep_255))]
 
     path = run_dir / "eval.json"
-    report = runs.read_json(path) if path.exists() else None
     kw = dict(n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0)
-    todo = missing(report)
-    if todo:
-        materialize(run_dir, progress=ctx.progress)
-        with runs.costed(run_dir, "eval"):
-            report = evaluate_run(run_dir, todo, **kw)
-            if missing(report):  # an older report with another n was replaced: run the whole list
-                report = evaluate_run(run_dir, list(attacks), **kw)
+    with runs.analysis_lock(run_dir, "eval"):
+        report = runs.read_json(path) if path.exists() else None
+        todo = missing(report)
+        if todo:
+            materialize(run_dir, progress=ctx.progress)
+            with runs.costed(run_dir, "eval"):
+                report = evaluate_run(run_dir, todo, **kw)
+                if missing(report):  # an older report with another n was replaced: run the whole list
+                    report = evaluate_run(run_dir, list(attacks), **kw)
     return report
 
 
@@ -323,14 +324,15 @@ def cka_result(ctx: Context, run_dir: Path) -> Path:
 
     path = run_dir / "cka.json"
     want = ctx.s.cka_n if ctx.cfg.test_size is None else min(ctx.s.cka_n, ctx.cfg.test_size)
-    if path.exists():
-        old = runs.read_json(path)
-        if old.get("mode") == "nat-vs-adv" and old.get("n") == want and old.get("checkpoint") == "best":
-            return path
-    materialize(run_dir, progress=ctx.progress)
-    with runs.costed(run_dir, "cka"):
-        _, path = cka_run(run_dir, n=ctx.s.cka_n, batch_size=ctx.s.cka_batch, data_dir=ctx.data_dir,
-                          progress=ctx.progress)
+    with runs.analysis_lock(run_dir, "cka"):
+        if path.exists():
+            old = runs.read_json(path)
+            if old.get("mode") == "nat-vs-adv" and old.get("n") == want and old.get("checkpoint") == "best":
+                return path
+        materialize(run_dir, progress=ctx.progress)
+        with runs.costed(run_dir, "cka"):
+            _, path = cka_run(run_dir, n=ctx.s.cka_n, batch_size=ctx.s.cka_batch, data_dir=ctx.data_dir,
+                              progress=ctx.progress)
     return path
 
 
@@ -341,18 +343,19 @@ def corruption_result(ctx: Context, run_dir: Path) -> Path:
     from layerlab.analysis.corruptions import CORRUPTIONS, corruptions_for_run
 
     path = run_dir / "corruptions.csv"
-    if path.exists():
-        old = pd.read_csv(path)
-        have = set(zip(old["type"], old["severity"]))
-        want = {(t, s) for t in CORRUPTIONS for s in ctx.s.corruption_severities}
-        n_ok = ctx.s.corruption_n is None or int(old["n"].iloc[0]) == min(ctx.s.corruption_n, ctx.cfg.test_size
-                                                                          or ctx.s.corruption_n)
-        if want <= have and n_ok:
-            return path
-    materialize(run_dir, progress=ctx.progress)
-    with runs.costed(run_dir, "corruptions"):
-        csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n, severities=list(ctx.s.corruption_severities),
-                                     data_dir=ctx.data_dir)
+    with runs.analysis_lock(run_dir, "corruptions"):
+        if path.exists():
+            old = pd.read_csv(path)
+            have = set(zip(old["type"], old["severity"]))
+            want = {(t, s) for t in CORRUPTIONS for s in ctx.s.corruption_severities}
+            n_ok = ctx.s.corruption_n is None or int(old["n"].iloc[0]) == min(ctx.s.corruption_n,
+                                                                              ctx.cfg.test_size or ctx.s.corruption_n)
+            if want <= have and n_ok:
+                return path
+        materialize(run_dir, progress=ctx.progress)
+        with runs.costed(run_dir, "corruptions"):
+            csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n,
+                                         severities=list(ctx.s.corruption_severities), data_dir=ctx.data_dir)
     return csv
 
 
@@ -371,17 +374,18 @@ def lsc_result(ctx: Context, run_dir: Path) -> PathMap:
     paths = {"lsc": run_dir / "lsc.csv", "removal_rate": run_dir / "removal_rate.csv"}
     per_epoch = recorded_epoch_checkpoints(run_dir) if is_record(run_dir) else epoch_checkpoints(run_dir)
     tokens = [str(p) for p in _spread(per_epoch, ctx.s.lsc_panels)] or ["best", "last"]
-    if all(p.exists() for p in paths.values()):
-        import pandas as pd
+    with runs.analysis_lock(run_dir, "lsc"):
+        if all(p.exists() for p in paths.values()):
+            import pandas as pd
 
-        old = pd.read_csv(paths["lsc"])
-        if len(old) and old["checkpoint"].nunique() == len(tokens) and old["mu"].nunique() == ctx.s.lsc_points:
-            return paths
-    materialize(run_dir, progress=ctx.progress)
-    with runs.costed(run_dir, "lsc"):
-        return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
-                       directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps, data_dir=ctx.data_dir,
-                       progress=ctx.progress, plot=False)
+            old = pd.read_csv(paths["lsc"])
+            if len(old) and old["checkpoint"].nunique() == len(tokens) and old["mu"].nunique() == ctx.s.lsc_points:
+                return paths
+        materialize(run_dir, progress=ctx.progress)
+        with runs.costed(run_dir, "lsc"):
+            return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
+                           directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps,
+                           data_dir=ctx.data_dir, progress=ctx.progress, plot=False)
 
 
 def _spread(items: Sequence[Any], k: int) -> list[Any]:
@@ -713,18 +717,19 @@ def figure_minpert_attributions(profile: str = "smoke", run_root: str | Path = R
     out = ctx.group("08_minpert_attributions")
     run_dirs = list(method_runs(ctx, ANALYSIS_METHODS).values())
     analysis = ctx.root / "analysis"
-    if not (_same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n)
-            and _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n)):
-        for run in run_dirs:  # both analyses load the models' weights
-            materialize(run, progress=ctx.progress)
-    if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
-        with runs.costed(analysis, "minpert"):
-            minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
-                             steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
-    if not _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n):
-        with runs.costed(analysis, "attributions"):
-            attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
-                                  layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
+    with runs.analysis_lock(analysis, "minpert-attributions"):
+        if not (_same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n)
+                and _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n)):
+            for run in run_dirs:  # both analyses load the models' weights
+                materialize(run, progress=ctx.progress)
+        if not _same_runs(analysis / "minpert.json", run_dirs, ctx.s.minpert_n):
+            with runs.costed(analysis, "minpert"):
+                minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
+                                 steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
+        if not _same_runs(analysis / "attributions.json", run_dirs, ctx.s.attr_n):
+            with runs.costed(analysis, "attributions"):
+                attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
+                                      layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
     sources = (analysis / "minpert.json", analysis / "attributions.json", analysis / runs.COSTS)
     return ctx.record(out, sources=sources, paths={
                       "fig8_minpert": plot_minpert(analysis / "minpert.json", out / "cure_fig8_minpert.png"),

@@ -69,10 +69,32 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _lock_path(out: str | os.PathLike) -> Path:
-    """The lock file of run directory ``out`` (beside it, so ``--overwrite`` cannot delete it)."""
+def _lock_path(out: str | os.PathLike, what: str = "") -> Path:
+    """The lock file of run directory ``out`` (or of analysis ``what`` on it), beside the directory so that
+    ``--overwrite`` or a record set aside cannot delete or move it."""
     path = Path(out)
-    return path.parent / f".{path.name}.lock"
+    return path.parent / f".{path.name}{'.' + what if what else ''}.lock"
+
+
+@contextlib.contextmanager
+def analysis_lock(directory: str | os.PathLike, what: str,
+                  log: Callable[[str], None] | None = print) -> Iterator[None]:
+    """Hold analysis ``what`` of ``directory`` (a run or the run root's ``analysis/``) while checking for and
+    computing its result, so that a second process waits for the first one's result instead of computing it
+    again. Blocks while another process holds it; the OS releases it when the process ends."""
+    path = _lock_path(directory, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"waiting for another process to finish the {what} analysis of {directory}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def is_locked(out: str | os.PathLike) -> bool:

@@ -147,3 +147,30 @@ def test_records_cli_round_trip(tmp_path, st_run):
     assert out.exit_code == 0 and "restored 1 runs" in out.output and is_record(tmp_path / "new" / "ST")
     out = cli.invoke(app, ["records", "restore", "--from", str(tmp_path / "nope"), "--runs", str(tmp_path / "x")])
     assert out.exit_code == 2 and "does not exist" in out.output
+
+
+def test_a_second_process_waits_for_an_analysis_instead_of_repeating_it(tmp_path, st_run):
+    """Two gallery workers ask for the same run's CKA: the second waits for the first's result and re-uses it
+    (nothing computed, no cost logged twice)."""
+    from layerlab import reproduce
+
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    ctx = reproduce.context("smoke", root, tmp_path / "figures", progress=False)
+    n = ctx.s.cka_n if ctx.cfg.test_size is None else min(ctx.s.cka_n, ctx.cfg.test_size)
+    result = {"mode": "nat-vs-adv", "n": n, "checkpoint": "best", "made_by": "holder"}
+    code = (f"import time; from layerlab import runs\nwith runs.analysis_lock({str(root / 'ST')!r}, 'cka'):\n"
+            f" print('locked', flush=True); time.sleep(3)\n"
+            f" runs.write_json({str(root / 'ST' / 'cka.json')!r}, {result!r})")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        path = reproduce.cka_result(ctx, root / "ST")
+        assert time.monotonic() - start > 1.0  # it waited for the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runs.read_json(path)["made_by"] == "holder"
+    assert not (root / "ST" / runs.COSTS).exists()
+    assert not list((root / "ST").glob("*.lock"))  # the lock sits beside the run, never in its records
