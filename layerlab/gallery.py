@@ -220,7 +220,12 @@ def _csv_rows(path: Path, drop: tuple[str, ...] = ("run", "dir")) -> tuple[list[
 
     frame = pd.read_csv(path)
     frame = frame[[c for c in frame.columns if c not in drop]]
-    return frame.to_dict("records"), list(frame.columns)
+    for c in frame.columns:  # integers in a column with blanks (a block spec "12") were read as floats
+        col = frame[c]
+        if col.dtype.kind == "f" and col.isna().any() and (col.dropna() % 1 == 0).all():
+            frame[c] = col.astype("Int64")
+    records = [{k: (None if v is pd.NA else v) for k, v in r.items()} for r in frame.to_dict("records")]
+    return records, list(frame.columns)
 
 
 def _group_section(m: dict[str, Any], figures: Path) -> list[str]:

@@ -41,6 +41,16 @@ def test_markdown_table_blanks_missing_values():
         "| a | b |", "|---|---|", "| 1.23 |  |", "|  | x |"]
 
 
+def test_table_keeps_integer_ids_beside_blanks(tmp_path):
+    """A block spec column with blanks (ST, SAT) is read back as "12", not "12.00"; accuracies keep 2 decimals."""
+    from layerlab.gallery import _csv_rows
+
+    pd.DataFrame([{"model": "ST", "spec": "", "acc": 71.1}, {"model": "U-12", "spec": "12", "acc": 33.0}]).to_csv(
+        tmp_path / "t.csv", index=False)
+    rows, columns = _csv_rows(tmp_path / "t.csv")
+    assert markdown_table(rows, columns)[2:] == ["| ST |  | 71.10 |", "| U-12 | 12 | 33.00 |"]
+
+
 def test_costed_logs_an_analysis_only_when_it_succeeds(tmp_path):
     from layerlab import runs
 
