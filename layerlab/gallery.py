@@ -215,7 +215,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
             + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
 
 
-def _csv_rows(path: Path, drop: tuple[str, ...] = ("run", "dir")) -> tuple[list[dict[str, Any]], list[str]]:
+def _csv_rows(path: Path, drop: tuple[str, ...] = ("dir",)) -> tuple[list[dict[str, Any]], list[str]]:
+    """A table's rows for the README, without the columns ``drop`` (run directories: machine paths)."""
     import pandas as pd
 
     frame = pd.read_csv(path)

@@ -52,8 +52,8 @@ def _ours_table3(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
         name = PAPER_NAMES.get(Path(str(r["run"])).name)
         if name:
             out[name] = {"natural_best": r["best_nat"], "natural_last": r["last_nat"],
-                         "natural_delta": r["last_nat"] - r["best_nat"], "robust_best": r["best_rob"],
-                         "robust_last": r["last_rob"], "robust_delta": r["last_rob"] - r["best_rob"]}
+                         "natural_delta": r["delta_nat"], "robust_best": r["best_rob"],
+                         "robust_last": r["last_rob"], "robust_delta": r["delta_rob"]}
     return out
 
 

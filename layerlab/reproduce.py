@@ -579,7 +579,7 @@ def figure_freeze_study(profile: str = "smoke", run_root: str | Path = RUN_ROOT,
             rows.append({"panel": panel, "model": label, "spec": s.get("update") or "",
                          "reinit": reinit if label not in ("ST", "SAT") else "",
                          "natural_acc": s["natural_acc"], "robust_acc": s["robust_acc"], "nrr": s["nrr"],
-                         "best_epoch": s["best_epoch"], "run": str(run)})
+                         "best_epoch": s["best_epoch"], "dir": str(run)})
     table = pd.DataFrame(rows)
     return ctx.record(out, {"table": _write_csv(table, out / "cure_fig2b_fig11_freeze_study.csv"),
             "figure": plot_freeze_study(table, out / "cure_fig2b_fig11_freeze_study.png")})

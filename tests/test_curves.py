@@ -45,13 +45,13 @@ def test_overfitting_table_by_hand(run_a, run_b):
     assert tuple(val.reset_index().columns) == OVERFITTING_COLUMNS
     a = val.loc["A"]
     assert (a["selected_on"], a["best_epoch"], a["best_nat"], a["best_rob"]) == ("val", 2, 55, 30)
-    assert (a["last_nat"], a["last_rob"], a["delta_nat"], a["delta_rob"]) == (65, 25, -10, 5)
+    assert (a["last_nat"], a["last_rob"], a["delta_nat"], a["delta_rob"]) == (65, 25, 10, -5)
     b = val.loc["B"]  # falls back to test, labelled so; the earliest of tied epochs wins
     assert (b["selected_on"], b["best_epoch"], b["best_rob"], b["last_nat"], b["delta_nat"], b["delta_rob"]) == \
-        ("test", 2, 15, 47, -2, 0)
+        ("test", 2, 15, 47, 2, 0)
     test = overfitting_table([run_a], "test").set_index("run").loc["A"]
     assert (test["selected_on"], test["best_epoch"], test["best_nat"], test["best_rob"]) == ("test", 3, 60, 32)
-    assert (test["delta_nat"], test["delta_rob"]) == (-5, 7)
+    assert (test["delta_nat"], test["delta_rob"]) == (5, -7)
     with pytest.raises(ValueError, match="select_on"):
         overfitting_table([run_a], "train")
 

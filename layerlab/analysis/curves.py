@@ -4,7 +4,8 @@
 ``natural_acc`` / ``robust_acc`` (the trainer's per-epoch evaluation: PGD-``epoch_eval_steps`` on
 ``eval_size`` test examples and on the held-out validation split), split ``train`` carries ``loss`` / ``acc``
 (on the training-time examples, adversarial for AT). ``overfitting.csv`` reports, per run, the test accuracies
-at the *best* epoch and at the *last* epoch and their difference (best - last). The best epoch maximizes the
+at the *best* epoch and at the *last* epoch and their difference (last - best, as in CURE Table 3: a negative
+robust delta is robust overfitting). The best epoch maximizes the
 validation robust accuracy (``select_on="val"``, default: no test information is used to choose it) or the
 test robust accuracy (``select_on="test"``, the optimistic choice some papers report); the ``selected_on``
 column says which one each row used. Ties go to the earliest epoch, as in the trainer.
@@ -89,8 +90,8 @@ def overfitting_row(label: str, metrics: list[dict], select_on: str = "val") -> 
     row = {"run": label, "selected_on": used, "best_epoch": int(best["epoch"]),
            "best_nat": get(best, "natural_acc"), "best_rob": get(best, "robust_acc"),
            "last_nat": get(last, "natural_acc"), "last_rob": get(last, "robust_acc")}
-    row["delta_nat"] = row["best_nat"] - row["last_nat"]
-    row["delta_rob"] = row["best_rob"] - row["last_rob"]
+    row["delta_nat"] = row["last_nat"] - row["best_nat"]
+    row["delta_rob"] = row["last_rob"] - row["best_rob"]
     return row
 
 
