@@ -241,11 +241,12 @@ def load_weights(model: nn.Module, state: dict[str, Any], source: str = "checkpo
 
 
 def environment() -> dict[str, Any]:
-    """Git commit, package versions and machine: enough to say what produced a run."""
+    """Git commit, package versions and machine: enough to say what produced a run. ``git_dirty`` says whether
+    the layerlab package itself has uncommitted changes (not the results, figures or notes beside it)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
                                     capture_output=True, text=True, cwd=Path(__file__).parent,
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
