@@ -85,16 +85,25 @@ def analysis_lock(directory: str | os.PathLike, what: str,
     path = _lock_path(directory, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if log:
-                log(f"waiting for another process to finish the {what} analysis of {directory}")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        _lock_waiting(fh, log and (lambda: log(f"waiting for another process to finish the {what} analysis of "
+                                               f"{directory}")))
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _lock_waiting(fh: Any, on_wait: Callable[[], None] | None) -> bool:
+    """Take ``fh``'s exclusive lock, calling ``on_wait`` first when another process holds it (then blocking until
+    it is released); True when it had to wait."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        if on_wait:
+            on_wait()
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return True
 
 
 def is_locked(out: str | os.PathLike) -> bool:
@@ -113,15 +122,17 @@ def is_locked(out: str | os.PathLike) -> bool:
 
 def wait_unlocked(out: str | os.PathLike, log: Callable[[str], None] | None = print) -> bool:
     """Block while another process holds ``out``'s run lock (see :func:`run_lock`); True when it had to wait."""
-    if not is_locked(out):
+    if not _lock_path(out).exists():
         return False
     with open(_lock_path(out), "a+") as fh:
-        fh.seek(0)
-        if log:
-            log(f"waiting for {fh.read().strip() or 'another process'} to finish training {out}")
-        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder releases it (or dies)
+        def on_wait() -> None:
+            fh.seek(0)
+            if log:
+                log(f"waiting for {fh.read().strip() or 'another process'} to finish training {out}")
+
+        waited = _lock_waiting(fh, on_wait)  # blocks until the holder releases it (or dies)
         fcntl.flock(fh, fcntl.LOCK_UN)
-    return True
+    return waited
 
 
 def prepare_run_dir(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
