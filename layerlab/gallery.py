@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 MAX_TABLE_ROWS = 40  # longer CSV tables are linked, not shown
+STALL_FACTOR = 3.0  # an epoch this many times its run's median epoch stalled (see stalled_epochs)
 # Figure settings that differ between the profiles and are worth naming next to a figure.
 COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "epochs",
                    "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed", "amp")
@@ -73,14 +74,33 @@ def _run_row(name: str, run_dir: Path, started: float) -> dict[str, Any]:
 
 
 def _train_seconds(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """A run's whole training time (every process that trained it, with its evaluations). Summaries written before
+    """A run's whole training time (every process that trained it, with its evaluations), less its stalled
+    epochs' excess over the run's median epoch (:func:`stalled_epochs`). Summaries written before
     ``final_eval_seconds`` existed held one process's epochs only: their epochs are summed from ``metrics.jsonl``
     and the final evaluation, not timed then, is flagged."""
     from layerlab.train import epoch_seconds
 
-    if "final_eval_seconds" in summary:
-        return {"train_seconds": summary["seconds"], "final_eval_timed": True}
-    return {"train_seconds": epoch_seconds(runs.read_jsonl(run_dir / "metrics.jsonl")), "final_eval_timed": False}
+    metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
+    timed = "final_eval_seconds" in summary
+    recorded = summary["seconds"] if timed else epoch_seconds(metrics)
+    stalls = stalled_epochs(metrics)
+    excess = sum(s["seconds"] - s["median_seconds"] for s in stalls)
+    return {"train_seconds": round(recorded - excess, 1), "recorded_train_seconds": round(recorded, 1),
+            "stalled_epochs": stalls, "final_eval_timed": timed}
+
+
+def stalled_epochs(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Epochs whose wall time (training and evaluation) is over ``STALL_FACTOR`` times the run's median epoch:
+    the process was stopped or starved meanwhile (a SIGSTOP-paused worker's clock keeps running), so the gallery
+    counts each at the median instead. A run of fewer than 3 epochs has no reliable median and no stalls."""
+    import statistics
+
+    walls = [float(r["seconds"] + r.get("eval_seconds", 0.0)) for r in metrics]
+    if len(walls) < 3:
+        return []
+    median = statistics.median(walls)
+    return [{"epoch": r["epoch"], "seconds": round(w, 1), "median_seconds": round(median, 1)}
+            for r, w in zip(metrics, walls) if w > STALL_FACTOR * median]
 
 
 # result file -> the analysis kind its cost is logged under (``runs.costed``)
@@ -185,11 +205,13 @@ def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     analysis: dict[str, float] = {}
     uncosted: set[str] = set()
     untimed: dict[str, bool] = {}
+    stalls: dict[str, list[dict[str, Any]]] = {}
     for m in manifests:
         entries = [(r["dir"], r) for r in m["runs"]] + list(m.get("shared_analyses", {}).items())
         for r in m["runs"]:
             trained[r["dir"]] = r["train_seconds"]
             untimed[r["dir"]] = not r.get("final_eval_timed", False)
+            stalls[r["dir"]] = r.get("stalled_epochs", [])
         for directory, entry in entries:
             if "analysis_seconds" in entry:
                 analysis[directory] = max(analysis.get(directory, 0.0), entry["analysis_seconds"])
@@ -197,7 +219,8 @@ def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     training, analysed = sum(trained.values()), sum(analysis.values())
     return {"runs": len(trained), "training_seconds": training, "analysis_seconds": analysed,
             "total_seconds": training + analysed, "uncosted": sorted(uncosted),
-            "final_eval_untimed": sorted(Path(d).name for d, flag in untimed.items() if flag)}
+            "final_eval_untimed": sorted(Path(d).name for d, flag in untimed.items() if flag),
+            "stalled_epochs": [{"run": Path(d).name, **e} for d, es in sorted(stalls.items()) for e in es]}
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
@@ -278,6 +301,13 @@ def write_readme(figures: str | Path) -> Path:
     if cost["uncosted"]:
         lines += [f"Not in that sum: {len(cost['uncosted'])} analysis result(s) made before analysis costs were "
                   f"logged ({', '.join(cost['uncosted'])}).", ""]
+    if cost["stalled_epochs"]:
+        stalled = cost["stalled_epochs"]
+        excess = sum(e["seconds"] - e["median_seconds"] for e in stalled)
+        lines += [f"Counted at their run's median epoch instead of their wall time: {len(stalled)} stalled epoch(s), "
+                  f"over {STALL_FACTOR:g}x the median (the worker was paused meanwhile), {_hours(excess)} in all: "
+                  + ", ".join(f"{e['run']} epoch {e['epoch']} ({e['seconds']:.0f} s; median {e['median_seconds']:.0f} s)"
+                              for e in stalled) + ".", ""]
     if cost["final_eval_untimed"]:
         lines += [f"Also not in it: the final evaluation of {len(cost['final_eval_untimed'])} run(s) trained before it "
                   f"was timed ({', '.join(cost['final_eval_untimed'])}); their epochs are counted.", ""]

@@ -80,3 +80,24 @@ def test_gallery_cpu_time_counts_each_run_and_analysis_once(tmp_path):
     cost = gallery_cpu_time(manifests)
     assert cost["runs"] == 1 and cost["training_seconds"] == 100.0 and cost["analysis_seconds"] == 35.0
     assert cost["total_seconds"] == 135.0 and cost["uncosted"] == [f"{tmp_path.name}/cka.json"]
+
+
+def test_train_seconds_counts_a_stalled_epoch_at_the_run_median(tmp_path):
+    """A worker paused (SIGSTOP) mid-epoch inflates that epoch's wall time; the gallery counts it at the median."""
+    from layerlab import runs
+    from layerlab.gallery import STALL_FACTOR, _train_seconds, gallery_cpu_time, stalled_epochs
+
+    walls = [100.0, 110.0, 90.0, 105.0 * STALL_FACTOR + 1, 105.0]  # median 105; epoch 4 stalled
+    for i, w in enumerate(walls):
+        runs.append_jsonl(tmp_path / "metrics.jsonl", {"epoch": i + 1, "seconds": w - 5.0, "eval_seconds": 5.0})
+    summary = {"seconds": sum(walls) + 20.0, "final_eval_seconds": 20.0}
+    row = _train_seconds(tmp_path, summary)
+    assert row["stalled_epochs"] == [{"epoch": 4, "seconds": 316.0, "median_seconds": 105.0}]
+    assert row["recorded_train_seconds"] == summary["seconds"]
+    assert row["train_seconds"] == pytest.approx(summary["seconds"] - (316.0 - 105.0))
+    assert stalled_epochs(runs.read_jsonl(tmp_path / "metrics.jsonl")[:2]) == []  # too few epochs for a median
+    steady = [{"epoch": i + 1, "seconds": w} for i, w in enumerate([100.0, 100.0 * STALL_FACTOR, 100.0])]
+    assert stalled_epochs(steady) == []  # exactly STALL_FACTOR x the median is not a stall
+    cost = gallery_cpu_time([{"runs": [{"dir": str(tmp_path), **row}]}])
+    assert cost["training_seconds"] == row["train_seconds"]
+    assert cost["stalled_epochs"] == [{"run": tmp_path.name, **row["stalled_epochs"][0]}]
