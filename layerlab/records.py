@@ -12,7 +12,6 @@ when it does.
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -88,7 +87,7 @@ def restore_records(src: str | Path, run_root: str | Path) -> list[str]:
             continue
         copy_results(rec, target)
         runs.write_json(target / MARKER, {"restored_from": str(rec.resolve()),
-                                          "restored_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                                          "restored_at": runs.utc_now()})
         restored.append(rec.name)
     return restored
 

@@ -197,7 +197,7 @@ def costed(directory: str | os.PathLike, what: str) -> Iterator[None]:
     yield
     Path(directory).mkdir(parents=True, exist_ok=True)
     append_jsonl(Path(directory) / COSTS, {"what": what, "seconds": round(time.perf_counter() - start, 2),
-                                           "finished": _now(), "threads": torch.get_num_threads()})
+                                           "finished": utc_now(), "threads": torch.get_num_threads()})
 
 
 def analysis_costs(directory: str | os.PathLike) -> dict[str, float]:
@@ -208,7 +208,8 @@ def analysis_costs(directory: str | os.PathLike) -> dict[str, float]:
     return out
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time as an ISO-8601 string to the second (when a record was written)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
