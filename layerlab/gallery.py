@@ -84,8 +84,7 @@ def _train_seconds(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     timed = "final_eval_seconds" in summary
     recorded = summary["seconds"] if timed else epoch_seconds(metrics)
     stalls = stalled_epochs(metrics)
-    excess = sum(s["seconds"] - s["median_seconds"] for s in stalls)
-    return {"train_seconds": round(recorded - excess, 1), "recorded_train_seconds": round(recorded, 1),
+    return {"train_seconds": round(recorded - stall_excess(stalls), 1), "recorded_train_seconds": round(recorded, 1),
             "stalled_epochs": stalls, "final_eval_timed": timed}
 
 
@@ -95,12 +94,19 @@ def stalled_epochs(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     counts each at the median instead. A run of fewer than 3 epochs has no reliable median and no stalls."""
     import statistics
 
-    walls = [float(r["seconds"] + r.get("eval_seconds", 0.0)) for r in metrics]
+    from layerlab.train import epoch_wall
+
+    walls = [epoch_wall(r) for r in metrics]
     if len(walls) < 3:
         return []
     median = statistics.median(walls)
     return [{"epoch": r["epoch"], "seconds": round(w, 1), "median_seconds": round(median, 1)}
             for r, w in zip(metrics, walls) if w > STALL_FACTOR * median]
+
+
+def stall_excess(stalls: list[dict[str, Any]]) -> float:
+    """The seconds stalled epochs (:func:`stalled_epochs`) spent beyond their run's median epoch."""
+    return sum(e["seconds"] - e["median_seconds"] for e in stalls)
 
 
 # result file -> the analysis kind its cost is logged under (``runs.costed``)
@@ -303,7 +309,7 @@ def write_readme(figures: str | Path) -> Path:
                   f"logged ({', '.join(cost['uncosted'])}).", ""]
     if cost["stalled_epochs"]:
         stalled = cost["stalled_epochs"]
-        excess = sum(e["seconds"] - e["median_seconds"] for e in stalled)
+        excess = stall_excess(stalled)
         lines += [f"Counted at their run's median epoch instead of their wall time: {len(stalled)} stalled epoch(s), "
                   f"over {STALL_FACTOR:g}x the median (the worker was paused meanwhile), {_hours(excess)} in all: "
                   + ", ".join(f"{e['run']} epoch {e['epoch']} ({e['seconds']:.0f} s; median {e['median_seconds']:.0f} s)"

@@ -410,4 +410,9 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> d
 
 def epoch_seconds(metrics: list[dict[str, Any]]) -> float:
     """Wall seconds of a run's epochs (training and per-epoch evaluation) from its ``metrics.jsonl`` rows."""
-    return float(sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in metrics))
+    return float(sum(epoch_wall(r) for r in metrics))
+
+
+def epoch_wall(row: dict[str, Any]) -> float:
+    """One ``metrics.jsonl`` row's wall seconds: the epoch's training plus its evaluation."""
+    return float(row["seconds"] + row.get("eval_seconds", 0.0))
