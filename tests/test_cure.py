@@ -7,6 +7,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from layerlab.methods.cure import (
     lowest_k_mask,
     mask_count,
     masked_parameters,
+    revision_decay,
     revision_rate,
 )
 from layerlab.models import block_of_param, build_model
@@ -488,3 +490,110 @@ def test_train_cure_eff_writes_summary_and_resumes_exactly(tmp_path) -> None:
     _assert_states_equal(full["model"], split["model"])
     _assert_states_equal(full["method"]["revision"]["model"], split["method"]["revision"]["model"])
     assert full["method"]["revision"]["draws"] == split["method"]["revision"]["draws"] > 0
+
+
+# --- the released code's variants (preset cure-resnet18-cifar10-code) ------------------------------
+
+
+def test_revision_decay_ramp_follows_the_released_code() -> None:
+    assert [revision_decay(0.999, t, ramp=True) for t in (0, 1, 9)] == [0.0, 0.5, 0.9]
+    assert revision_decay(0.999, 10**6, ramp=True) == 0.999 and revision_decay(0.98, 39, ramp=True) == 0.975 and revision_decay(0.98, 99, ramp=True) == 0.98
+    assert revision_decay(0.999, 1, ramp=False) == 0.999
+
+
+def test_ramped_revision_averages_with_the_step_decay() -> None:
+    x, y = _batch()
+    model = _model()
+    method = build_method("cure", {"p": 0, "r": 1.0, "d": 0.999, "r_decay": "none", "d_ramp": True})
+    method.setup(model)
+    rev = _component(method, "revision")
+    for step, d in ((0, 0.5), (1, 2 / 3)):
+        rev_old = _state(rev.model)
+        method.train_step(model, x, y, _sgd(model), _ctx(3 + step))
+        theta = _state(model)
+        for name, p in rev.model.named_parameters():
+            torch.testing.assert_close(p, d * rev_old[name] + (1 - d) * theta[name], rtol=1e-6, atol=1e-7)
+
+
+def test_beta_scales_the_kl_term_exactly() -> None:
+    x, y = _batch()
+    model = _model()
+    x_adv = (x + 0.03 * torch.rand_like(x)).clamp(0, 1)
+    one = build_method("cure", {"beta": 1.0}).objective.loss(model, x, x_adv, y, _ctx(0))
+    five = build_method("cure", {"beta": 5.0}).objective.loss(model, x, x_adv, y, _ctx(0))
+    assert torch.equal(one.terms["kl"], five.terms["kl"]) and one.terms["kl"] > 0
+    assert torch.equal(five.loss, one.terms["ce_nat"] + 5.0 * one.terms["kl"])
+    per_example = build_method("cure", {"beta": 5.0}).objective.adv_loss(model, x, x_adv, y)
+    kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="none").sum(1)
+    torch.testing.assert_close(per_example, F.cross_entropy(model(x), y, reduction="none") + 5.0 * kl)
+
+
+def test_kl_attack_is_the_trades_attack() -> None:
+    x, y = _batch()
+    model = _model()
+    ours = build_method("cure", {"attack": "kl"}).objective.craft(model, x, y, _ctx(7))
+    trades = build_method("trades").objective.craft(model, x, y, _ctx(7))
+    alg1 = build_method("cure").objective.craft(model, x, y, _ctx(7))
+    assert torch.equal(ours, trades) and not torch.equal(ours, alg1)
+
+
+def test_revision_bn_train_uses_batch_statistics_and_leaves_buffers_to_its_forwards() -> None:
+    x, y = _batch()
+    model = _model()
+    method = build_method("cure", {"p": 0, "r": 1.0, "d": 0.9, "r_decay": "none", "revision_bn": "train"})
+    method.setup(model)
+    rev = _component(method, "revision")
+    independent = copy.deepcopy(rev.model).train()
+    with torch.no_grad():
+        expected = F.softmax(independent(x), dim=1)
+    targets = rev.targets(x, None)
+    torch.testing.assert_close(targets[0], expected)
+    assert not rev.model.training  # back in eval mode for evaluation
+    buffers = {k: v.clone() for k, v in rev.model.state_dict().items() if "running" in k}
+    assert all(torch.equal(buffers[k], independent.state_dict()[k]) for k in buffers)  # its forward moved them
+    before = {k: v.clone() for k, v in rev.model.state_dict().items() if "running" in k}
+    rev.revise()  # Eq. 7 on parameters only: the statistics are the revision model's own
+    assert all(torch.equal(before[k], rev.model.state_dict()[k]) for k in before)
+
+
+def test_code_mask_zeroes_the_lowest_signed_scores_of_block_conv1_only() -> None:
+    x, y = _batch()
+    model = _model()
+    method = build_method("cure", {"p": 30, "alpha": 0.1, "gamma": 0.0, "mask_rule": "code"})
+    method.setup(model)
+    rgp = _component(method, "rgp")
+    ctx = _ctx(5)
+    x_adv = method.objective.craft(model, x, y, ctx)
+    ref = copy.deepcopy(model)
+    # Independent computation: the three gradients, numpy's percentile, gradient zeroing.
+    out = method.objective.loss(ref, x, x_adv, y, ctx)
+    names = [n for n, _ in ref.named_parameters() if n.startswith("block") and n.endswith(".conv1.weight")]
+    params = [dict(ref.named_parameters())[n] for n in names]
+    g_total = torch.autograd.grad(out.loss, params, retain_graph=True)
+    g_nat = torch.autograd.grad(F.cross_entropy(out.logits_nat, y), params, retain_graph=True)
+    g_kl = torch.autograd.grad(out.terms["kl"], params)
+    out = method.objective.loss(model, x, x_adv, y, ctx)
+    model.zero_grad()
+    assert rgp.backward(model, out, out.loss, x, y, ctx)
+    assert sorted(rgp.masks) == sorted(names) and len(names) == 8  # 2 per stage, stem excluded
+    for name, gt, gn, gk in zip(names, g_total, g_nat, g_kl):
+        score = (0.1 * gn + 0.9 * gk).numpy()
+        expected = torch.from_numpy(score < np.percentile(score, 30))
+        assert torch.equal(rgp.masks[name], expected) and 0.25 < expected.float().mean() < 0.35
+        grad = dict(model.named_parameters())[name].grad
+        assert torch.equal(grad[expected], torch.zeros_like(grad[expected]))
+        torch.testing.assert_close(grad[~expected], gt[~expected])
+    assert rgp._saved == []  # the code zeroes gradients only; no weights are held through the step
+
+
+def test_code_preset_sets_every_released_code_choice() -> None:
+    name, args, overrides = resolve_method("cure", "cure-resnet18-cifar10-code")
+    hp = build_method(name, args).hparams()
+    assert overrides["weight_decay"] == 7e-4
+    assert (hp["beta"], hp["attack"], hp["rgp.rule"]) == (5.0, "kl", "code")
+    assert (hp["revision.r_decay"], hp["revision.d_ramp"], hp["revision.bn"]) == ("none", True, "train")
+    paper = build_method("cure").hparams()
+    assert (paper["beta"], paper["attack"], paper["rgp.rule"], paper["revision.d_ramp"]) == (1.0, "alg1", "paper", False)
+    for bad in ({"attack": "ce"}, {"mask_rule": "signed"}, {"revision_bn": "frozen"}, {"d_ramp": "yes"}, {"beta": -1}):
+        with pytest.raises(ValueError):
+            build_method("cure", bad)
