@@ -33,8 +33,17 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from layerlab import runs
+from layerlab.callbacks import Callback
+from layerlab.config import TrainConfig
+from layerlab.data import load_splits
+from layerlab.plots.style import HEATMAP_CMAP, new_figure
+from layerlab.train import resolve_device, train
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "cka.json", "layer_stats.jsonl", "lsc.csv",
              "removal_rate.csv")
@@ -104,8 +113,6 @@ def _signature(path: Path) -> tuple:
 
 def read_run_files(label: str, path: Path) -> RunFiles:
     """Read a run directory's files (missing analysis files are None)."""
-    import pandas as pd
-
     meta = runs.read_json(path / "config.json") if (path / "config.json").exists() else {}
     stats = None
     if (path / "layer_stats.jsonl").exists():
@@ -144,8 +151,6 @@ def _png(fig) -> bytes:
 
 def _message(text: str, title: str) -> bytes:
     """A small figure that says why a panel is empty."""
-    from layerlab.plots.style import new_figure
-
     fig, axes = new_figure(width=5.0, height=3.4)
     ax = axes[0, 0]
     ax.axis("off")
@@ -156,10 +161,6 @@ def _message(text: str, title: str) -> bytes:
 
 def render_curves(selected: Sequence[RunFiles], mode: str, epoch: int) -> bytes:
     """Test (solid) and validation (dashed) accuracy of each run per epoch, the chosen epoch marked."""
-    from matplotlib.ticker import MaxNLocator
-
-    from layerlab.plots.style import new_figure
-
     if not selected:
         return _message("select one or more runs", "accuracy")
     test_key, val_key = MODES[mode]
@@ -205,8 +206,6 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
 
 def cka_view(data: dict[str, Any], blocks: Sequence[str]) -> tuple[list[str], list[str], Any]:
     """Row names, column names and the sub-matrix of a ``cka.json`` restricted to ``blocks`` (all when empty)."""
-    import numpy as np
-
     keep_r = [i for i, r in enumerate(data["rows"]) if not blocks or r in blocks]
     keep_c = [j for j, c in enumerate(data["cols"]) if not blocks or c in blocks]
     full = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], dtype=float)
@@ -216,10 +215,6 @@ def cka_view(data: dict[str, Any], blocks: Sequence[str]) -> tuple[list[str], li
 
 def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
     """The run's CKA matrix (rows natural, columns adversarial inputs) over the chosen blocks."""
-    import seaborn as sns
-
-    from layerlab.plots.style import HEATMAP_CMAP, new_figure
-
     if run is None:
         return _message("select a focus run", "CKA")
     if run.cka is None:
@@ -265,10 +260,6 @@ def block_gradients_at(stats, epoch: int, blocks: Sequence[str] = ()) -> dict[st
 
 def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> bytes:
     """Mean |gradient| per block and % of conv/linear weights updated per layer at ``epoch``, per run."""
-    import numpy as np
-
-    from layerlab.plots.style import new_figure
-
     with_stats = [run for run in selected if run.stats is not None]
     if not with_stats:
         return _message("no layer_stats.jsonl in the selected runs", "gradients and masks")
@@ -307,8 +298,6 @@ def nearest_checkpoint(lsc, epoch: int) -> str:
 
 def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
     """LSC landscapes of the checkpoint nearest ``epoch`` and the removal rate over training (marked)."""
-    from layerlab.plots.style import new_figure
-
     if run is None:
         return _message("select a focus run", "LSC")
     if run.lsc is None:
@@ -356,8 +345,6 @@ def spec_of(blocks: Sequence[str], n_blocks: int) -> str:
 
 def whatif_config(base_run: str | Path, spec: str, *, reinit: bool = True, epochs: int = 2, method: str = "at"):
     """A smoke-scale run that starts from ``base_run``'s best weights and updates only ``spec``."""
-    from layerlab.config import TrainConfig
-
     base = Path(base_run)
     cfg = TrainConfig.from_dict(runs.read_json(base / "config.json")["config"])
     size = min(cfg.train_size or WHATIF_TRAIN_SIZE, WHATIF_TRAIN_SIZE)
@@ -372,8 +359,6 @@ def whatif_dir(root: Path, spec: str, reinit: bool) -> Path:
 
 def _progress_callback(bar: widgets.IntProgress, label: widgets.HTML):
     """A trainer callback that advances ``bar`` each step and reports each finished epoch."""
-    from layerlab.train import Callback
-
     class WidgetProgress(Callback):
         def after_step(self, model) -> None:
             bar.value = min(bar.max, bar.value + 1)
@@ -599,9 +584,6 @@ class Explorer(widgets.VBox):
 
     def launch_whatif(self, background: bool = True) -> threading.Thread | dict[str, Any] | None:
         """Train the what-if run (in a thread unless ``background`` is False); select it when done."""
-        from layerlab.data import load_splits
-        from layerlab.train import resolve_device
-
         if self._busy:
             self.whatif_log.value = "a what-if run is already training"
             return None
@@ -632,8 +614,6 @@ class Explorer(widgets.VBox):
         return self._thread
 
     def _train_whatif(self, cfg, out: Path, splits) -> dict[str, Any] | None:
-        from layerlab.train import train
-
         try:
             result = train(cfg, out, overwrite=True, progress=False, splits=splits,
                            callbacks=[_progress_callback(self.whatif_progress, self.whatif_log)])

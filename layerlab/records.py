@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from layerlab import runs
+from layerlab.config import TrainConfig
+from layerlab.train import train
 
 MARKER = "record.json"  # in a restored run directory: it holds results, not checkpoints
 ASIDE = ".record"  # RUN.record/: where a record waits while its run is retrained
@@ -114,9 +116,6 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     The record is kept aside in ``RUN.record/`` while training (and put back when training fails). Its analysis files are put back only when
     the retrained run reproduces the recorded summary (:data:`COMPARED`); either way the comparison is written
     to ``RUN/reproduced.json`` and returned. A run with checkpoints is returned unchanged (``{}``)."""
-    from layerlab.config import TrainConfig
-    from layerlab.train import train
-
     run_dir = Path(run_dir)
     if not is_record(run_dir):
         return {}

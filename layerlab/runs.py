@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
+import layerlab
 from layerlab.config import dumps
 
 CHECKPOINT_KEYS = ("model", "meta")
@@ -263,10 +265,8 @@ def environment() -> dict[str, Any]:
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    import numpy
     import torchvision
 
-    import layerlab
 
     return {
         "git_commit": commit, "git_dirty": dirty, "layerlab": getattr(layerlab, "__version__", None),

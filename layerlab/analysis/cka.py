@@ -35,16 +35,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from layerlab import runs
 from layerlab.attacks import eval_mode, pgd
 from layerlab.data import ImageSet, to_float
-from layerlab.models import (
-    BasicBlock,
-    Bottleneck,
-    PreActBlock,
-    WideBasicBlock,
-    _unwrap,
-    block_names,
-)
+from layerlab.evaluation import load_run, load_run_config, model_from_checkpoint
+from layerlab.models import BasicBlock, Bottleneck, PreActBlock, WideBasicBlock, _unwrap, block_names
 
 __all__ = [
     "LAYER_SETS",
@@ -399,9 +394,6 @@ def cka_run(run: str | Path, other: str | Path | None = None, *, mode: str | Non
 
     The attack uses the run's eps/alpha/norm and ``steps`` PGD steps (default: the run's ``eval_steps``).
     """
-    from layerlab import runs
-    from layerlab.evaluation import load_run, load_run_config, model_from_checkpoint
-
     model_a, cfg, splits = load_run(run, checkpoint, device, data_dir)
     model_b = None
     if other is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerlab import runs
+from layerlab.plots.curves import plot_curves
 
 CURVE_COLUMNS = ("run", "epoch", "split", "metric", "value")
 OVERFITTING_COLUMNS = ("run", "selected_on", "best_epoch", "best_nat", "best_rob", "last_nat", "last_rob",
@@ -112,7 +113,5 @@ def write_curves(run_dirs: Sequence[str | Path], out: str | Path, select_on: str
     load_curves(run_dirs).to_csv(paths["curves"], index=False)
     overfitting_table(run_dirs, select_on).to_csv(paths["overfitting"], index=False)
     if plot:
-        from layerlab.plots.curves import plot_curves
-
         paths["figure"] = plot_curves(paths["curves"], paths["overfitting"], out / "curves.png")
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,6 @@ def _title(data: dict) -> str:
 
 def plot_cka(json_path: str | Path, png_path: str | Path) -> Path:
     """Heatmap of the CKA matrix in ``json_path`` (rows: ``rows``, columns: ``cols``; null = NaN)."""
-    import json
-
     data = json.loads(Path(json_path).read_text())
     matrix = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], dtype=float)
     frame = pd.DataFrame(matrix, index=data["rows"], columns=data["cols"])
