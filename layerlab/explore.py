@@ -35,15 +35,15 @@ from typing import Any, Iterator, Sequence
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
 from layerlab import runs
 from layerlab.callbacks import Callback
 from layerlab.config import TrainConfig
-from layerlab.data import load_splits
-from layerlab.plots.style import HEATMAP_CMAP, new_figure
-from layerlab.train import resolve_device, train
+from layerlab.plots.cka import cka_view, draw_cka
+from layerlab.plots.lsc import draw_lsc_landscape, draw_removal_rate
+from layerlab.plots.style import new_figure
+from layerlab.train import splits_for, train
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "cka.json", "layer_stats.jsonl", "lsc.csv",
              "removal_rate.csv")
@@ -204,15 +204,6 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
     return (f"<table class='layerlab-summary' style='border-collapse:collapse'>{head}{''.join(body)}</table>")
 
 
-def cka_view(data: dict[str, Any], blocks: Sequence[str]) -> tuple[list[str], list[str], Any]:
-    """Row names, column names and the sub-matrix of a ``cka.json`` restricted to ``blocks`` (all when empty)."""
-    keep_r = [i for i, r in enumerate(data["rows"]) if not blocks or r in blocks]
-    keep_c = [j for j, c in enumerate(data["cols"]) if not blocks or c in blocks]
-    full = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], dtype=float)
-    matrix = full[np.ix_(keep_r, keep_c)] if keep_r and keep_c else np.zeros((0, 0))
-    return [data["rows"][i] for i in keep_r], [data["cols"][j] for j in keep_c], matrix
-
-
 def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
     """The run's CKA matrix (rows natural, columns adversarial inputs) over the chosen blocks."""
     if run is None:
@@ -225,10 +216,7 @@ def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
         return _message("none of the chosen blocks is in cka.json", f"CKA: {run.label}")
     fig, axes = new_figure(width=4.8, height=4.0)
     ax = axes[0, 0]
-    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap=HEATMAP_CMAP, square=True, annot=len(matrix) <= 8, fmt=".2f",
-                annot_kws={"fontsize": 7}, xticklabels=cols, yticklabels=rows, cbar_kws={"label": "linear CKA"})
-    ax.tick_params(axis="y", rotation=0)
-    ax.tick_params(axis="x", rotation=90)
+    draw_cka(ax, rows, cols, matrix, annot=len(matrix) <= 8)
     ax.set(title=f"CKA {data.get('mode', '')}: {run.label} (n={data.get('n')})",
            xlabel=data.get("col_label", "columns"), ylabel=data.get("row_label", "rows"))
     return _png(fig)
@@ -306,18 +294,13 @@ def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
     part = run.lsc[run.lsc["checkpoint"] == chosen]
     fig, axes = new_figure(ncols=2, width=4.4, height=3.6)
     ax_l, ax_r = axes[0]
-    mean = part.groupby(["group_lo", "group", "mu"])["loss"].mean().reset_index().sort_values(["group_lo", "mu"])
-    for i, (group, line) in enumerate(mean.groupby("group", sort=False)):
-        ax_l.plot(line["mu"], line["loss"], label=group, color=f"C{i % 10}")
-    ax_l.set(xlabel="μ (filter-normalized direction)", ylabel="adversarial loss", title=f"{run.label}: {chosen}")
-    ax_l.legend(title="LSC group", fontsize="x-small", title_fontsize="x-small")
+    draw_lsc_landscape(part, ax_l, f"{run.label}: {chosen}")
     if run.removal is not None:
         rem = run.removal.sort_values("epoch")
-        ax_r.plot(rem["epoch"], 100 * rem["removal_rate"], marker="o")
+        draw_removal_rate(rem, ax_r)
         near = rem.iloc[(rem["epoch"] - epoch).abs().argsort().iloc[0]]
         ax_r.plot([near["epoch"]], [100 * near["removal_rate"]], marker="*", markersize=14, color="C3")
-        ax_r.set(xlabel="epoch", ylabel=f"loss < {rem['c_min'].iloc[0]:g} (%)", ylim=(0, 105),
-                 title="removal rate")
+        ax_r.set_title("removal rate")
     else:
         ax_r.axis("off")
     return _png(fig)
@@ -596,8 +579,7 @@ class Explorer(widgets.VBox):
             spec = spec_of(self.whatif_blocks.value, n_blocks)
             cfg = whatif_config(self._paths[base], spec, reinit=self.whatif_reinit.value,
                                 epochs=self.whatif_epochs.value)
-            splits = load_splits(cfg.dataset, cfg.data_dir, train_size=cfg.train_size, test_size=cfg.test_size,
-                                 val_size=cfg.val_size, seed=cfg.seed, device=resolve_device(cfg.device))
+            splits = splits_for(cfg)
         except (ValueError, FileNotFoundError) as err:
             self.whatif_log.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return None

@@ -24,12 +24,11 @@ import torch
 
 from layerlab import distributed, runs
 from layerlab.config import TrainConfig
-from layerlab.data import load_splits
 from layerlab.layerwise import parse_specs
 from layerlab.methods import METHODS
 from layerlab.models import build_model, num_blocks
 from layerlab.records import materialize_init
-from layerlab.train import resolve_device, train
+from layerlab.train import splits_for, train
 
 STUDY_COLUMNS = ("run", "spec", "method", "reinit", "natural_acc", "robust_acc", "nrr", "trainable_params",
                  "trainable", "best_epoch", "seconds", "dir")
@@ -116,9 +115,7 @@ def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: st
              for spec in specs]
     if gpus:
         return study_on_gpus([first, rest], out, gpus, overwrite=overwrite)
-    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
-                         device=resolve_device(cfg.device))
+    splits = splits_for(cfg)
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     rows = [_row(name, spec, out / name, run_or_reuse(run_cfg, out / name, **common))
             for name, spec, run_cfg in first + rest]
@@ -192,9 +189,7 @@ def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path,
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     out = Path(out)
-    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
-                         device=resolve_device(cfg.device))
+    splits = splits_for(cfg)
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     order = (["st"] if any(m in NEEDS_ST_INIT for m in methods) and "st" not in methods else []) + list(methods)
     rows = []

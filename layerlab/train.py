@@ -42,6 +42,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return distributed.local_device(torch.device(name))
 
 
+def splits_for(cfg: TrainConfig, *, device: torch.device | None = None, data_dir: str | None = None) -> Splits:
+    """The data splits ``cfg`` trains and evaluates on (``data_dir`` overrides the config's), on ``device``
+    (default: the config's device)."""
+    return load_splits(cfg.dataset, data_dir or cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                       test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
+                       device=resolve_device(cfg.device) if device is None else device)
+
+
 def nrr(natural: float, robust: float) -> float:
     """Natural-robust ratio, the harmonic mean 2*nat*rob/(nat+rob) (CURE Eq. 9)."""
     return 0.0 if natural + robust == 0 else 2 * natural * robust / (natural + robust)
@@ -121,8 +129,7 @@ def setup(cfg: TrainConfig, splits: Splits | None = None) -> Setup:
     """Data, model, method and optimizer for ``cfg`` (``splits`` may be passed to share loaded data)."""
     device = resolve_device(cfg.device)
     if splits is None:
-        splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                             test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed, device=device)
+        splits = splits_for(cfg, device=device)
     model = build_run_model(cfg, splits).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

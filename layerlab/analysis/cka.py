@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from layerlab import runs
 from layerlab.attacks import eval_mode, pgd
+from layerlab.config import EPS, PGD_STEP
 from layerlab.data import ImageSet, to_float
 from layerlab.evaluation import load_run, load_run_config, model_from_checkpoint
 from layerlab.models import BasicBlock, Bottleneck, PreActBlock, WideBasicBlock, _unwrap, block_names
@@ -315,8 +316,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def cka_matrix(model_a: nn.Module, model_b: nn.Module | None, data: ImageSet | Iterable, *,
-               mode: str | None = None, adversarial: bool | None = None, eps: float = 8 / 255,
-               alpha: float = 2 / 255, steps: int = 10, norm: str = "linf", n: int | None = 1000,
+               mode: str | None = None, adversarial: bool | None = None, eps: float = EPS,
+               alpha: float = PGD_STEP, steps: int = 10, norm: str = "linf", n: int | None = 1000,
                batch_size: int = 100, layers: str | Sequence[str] = "blocks",
                layers_b: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True) -> CKAResult:
     """Linear CKA (minibatch unbiased HSIC) between layer representations.

@@ -14,7 +14,7 @@ over a few seeded directions. The model stays in eval mode throughout (BatchNorm
 statistics fixed), both for the attack and for the landscape.
 
 The *removal rate* view: the fraction of training adversarial examples whose loss is below the
-LSC value ``c_min`` (default 1.7), per checkpoint, over training.
+LSC value ``c_min`` (default RWP's, :data:`layerlab.methods.perturbation.C_MIN`), per checkpoint, over training.
 
 Per-epoch checkpoints (``RUN/checkpoints/epoch-E.pt``) are written by the trainer every
 ``TrainConfig.keep_every`` epochs (``--keep-every N``; the cpu and paper profiles set it).
@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 from layerlab import runs
 from layerlab.attacks import eval_mode, pgd
-from layerlab.data import load_splits, to_float
+from layerlab.data import to_float
 from layerlab.evaluation import load_run_config, model_from_checkpoint
+from layerlab.methods.perturbation import C_MIN
 from layerlab.plots.lsc import plot_lsc, plot_removal_rate
-from layerlab.train import resolve_device
+from layerlab.train import resolve_device, splits_for
 
 DEFAULT_EDGES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, math.inf)
 LSC_COLUMNS = ("checkpoint", "epoch", "group", "group_lo", "group_hi", "n_examples", "direction", "mu", "loss")
@@ -233,8 +234,7 @@ def training_subset(run_dir: str | Path, n: int | None, seed: int, device: torch
                     data_dir: str | None = None) -> tuple[Tensor, Tensor, object]:
     """``n`` seeded training examples (float [0,1], no augmentation) of the run's own training split, and its config."""
     cfg = load_run_config(run_dir)
-    splits = load_splits(cfg.dataset, data_dir or cfg.data_dir, train_size=cfg.train_size, test_size=cfg.test_size,
-                         val_size=cfg.val_size, seed=cfg.seed, device=device)
+    splits = splits_for(cfg, device=device, data_dir=data_dir)
     train = splits.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     idx = order[: min(n or len(train), len(train))].to(device)
@@ -277,7 +277,7 @@ def mu_grid(lo: float = -1.0, hi: float = 1.0, points: int = 21) -> list[float]:
 
 def run_lsc(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), *, n: int | None = 1000,
             edges: Sequence[float] = DEFAULT_EDGES, mus: Sequence[float] | None = None, directions: int = 3,
-            seed: int = 0, c_min: float = 1.7, attack_steps: int = 10, batch_size: int = 256,
+            seed: int = 0, c_min: float = C_MIN, attack_steps: int = 10, batch_size: int = 256,
             device: str = "auto", data_dir: str | None = None, out: str | Path | None = None,
             progress: bool = True, plot: bool = True) -> dict[str, Path]:
     """LSC landscapes of ``checkpoints`` -> ``lsc.csv`` and removal rates -> ``removal_rate.csv`` (+ figures) in

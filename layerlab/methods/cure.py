@@ -35,6 +35,9 @@ from layerlab.methods.base import Component, Method, Objective, Outputs, StepCon
 from layerlab.methods.objectives import trades_kl
 
 MASK_SCOPES = ("conv", "conv+linear", "all")
+# The paper's ResNet-18 CIFAR-10 values (Table 9), read by the factories, the presets and the gallery.
+RGP_P = 30.0  # percent of each tensor's weights (lowest prominence) kept fixed
+RGP_ALPHA = 0.1  # weight of the natural gradient in RGP (Eq. 6) and of the KL term in the attack
 R_DECAYS = ("none", "linear", "cosine", "step")
 
 
@@ -73,7 +76,7 @@ class CUREObjective(Objective):
 
     name = "cure"
 
-    def __init__(self, alpha: float = 0.1, warmup: Warmup = Warmup(0)):
+    def __init__(self, alpha: float = RGP_ALPHA, warmup: Warmup = Warmup(0)):
         self.alpha = alpha
         self.warmup = warmup
 
@@ -103,7 +106,7 @@ class CUREObjective(Objective):
         return F.cross_entropy(logits_nat, y, reduction="none") + kl
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "warmup_epochs": self.warmup.describe()}
+        return {"rgp_alpha": self.alpha, "warmup_epochs": self.warmup.describe()}
 
 
 def masked_parameters(model: nn.Module, scope: str) -> list[tuple[str, nn.Parameter]]:
@@ -194,7 +197,7 @@ class RGPMask(Component):
 
     name = "rgp"
 
-    def __init__(self, p: float = 30.0, alpha: float = 0.1, mask_scope: str = "conv", warmup: Warmup = Warmup(0)):
+    def __init__(self, p: float = RGP_P, alpha: float = RGP_ALPHA, mask_scope: str = "conv", warmup: Warmup = Warmup(0)):
         if not 0.0 <= p <= 100.0:
             raise ValueError(f"p must be a percentage in [0, 100], got {p}")
         if mask_scope not in MASK_SCOPES:
@@ -395,27 +398,27 @@ class Revision(Component):
         return {"gamma": self.gamma, "r": self.r, "d": self.d, "r_decay": self.r_decay}
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1] (RGP weight of the natural gradient), got {alpha}")
+def _check_alpha(rgp_alpha: float) -> None:
+    if not 0.0 <= rgp_alpha <= 1.0:
+        raise ValueError(f"rgp_alpha must lie in [0, 1] (RGP weight of the natural gradient), got {rgp_alpha}")
 
 
-def _cure(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+def _cure(p: float = RGP_P, rgp_alpha: float = RGP_ALPHA, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
           r_decay: str = "linear", mask_scope: str = "conv") -> Method:
     """CURE with the paper's ResNet-18 CIFAR-10 values as defaults (Table 9)."""
-    _check_alpha(alpha)
-    return Method("cure", CUREObjective(alpha), [RGPMask(p, alpha, mask_scope), Revision(gamma, r, d, r_decay)])
+    _check_alpha(rgp_alpha)
+    return Method("cure", CUREObjective(rgp_alpha), [RGPMask(p, rgp_alpha, mask_scope), Revision(gamma, r, d, r_decay)])
 
 
-def _cure_eff(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+def _cure_eff(p: float = RGP_P, rgp_alpha: float = RGP_ALPHA, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
               r_decay: str = "linear", mask_scope: str = "conv", warmup_epochs: int | None = None) -> Method:
     """CURE^Eff: ``warmup_epochs`` of natural training (None = 10% of the run, >= 1), then CURE."""
-    _check_alpha(alpha)
+    _check_alpha(rgp_alpha)
     if warmup_epochs is not None and (not isinstance(warmup_epochs, int) or warmup_epochs < 0):
         raise ValueError(f"warmup_epochs must be a non-negative integer or null (auto), got {warmup_epochs!r}")
     w = Warmup(warmup_epochs)
-    return Method("cure-eff", CUREObjective(alpha, w),
-                  [RGPMask(p, alpha, mask_scope, w), Revision(gamma, r, d, r_decay, w)])
+    return Method("cure-eff", CUREObjective(rgp_alpha, w),
+                  [RGPMask(p, rgp_alpha, mask_scope, w), Revision(gamma, r, d, r_decay, w)])
 
 
 METHODS = {
@@ -423,7 +426,7 @@ METHODS = {
     "cure-eff": (_cure_eff, "CURE^Eff: natural warm-up (default 10% of epochs) then CURE, no pre-trained model"),
 }
 
-_R18 = {"p": 30, "alpha": 0.1, "gamma": 1.0, "r": 0.2, "d": 0.999}
+_R18 = {"p": RGP_P, "rgp_alpha": RGP_ALPHA, "gamma": 1.0, "r": 0.2, "d": 0.999}
 _PAPER = "Table 9 (lr 0.1, wd 5e-3, 200 epochs: pass --epochs 200; start from an ST model with --init)"
 _CODE = "released code's README (lr 0.1, wd 7e-4, 120 epochs: pass --epochs 120; --init an ST model)"
 
@@ -436,13 +439,13 @@ PRESETS = {
                                    f"CURE ResNet-18 CIFAR-10, {_CODE}"),
     "cure-resnet18-cifar100": ("cure", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
                                f"CURE ResNet-18 CIFAR-100, {_PAPER}"),
-    "cure-resnet18-svhn": ("cure", {**_R18, "alpha": 0.2}, {"model": "resnet18", "weight_decay": 5e-3},
+    "cure-resnet18-svhn": ("cure", {**_R18, "rgp_alpha": 0.2}, {"model": "resnet18", "weight_decay": 5e-3},
                            f"CURE ResNet-18 SVHN, {_PAPER}"),
-    "cure-wrn34-10-cifar10": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+    "cure-wrn34-10-cifar10": ("cure", {**_R18, "p": 50, "rgp_alpha": 0.3, "gamma": 0.5},
                               {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-10, {_PAPER}"),
-    "cure-wrn34-10-cifar100": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+    "cure-wrn34-10-cifar100": ("cure", {**_R18, "p": 50, "rgp_alpha": 0.3, "gamma": 0.5},
                                {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-100, {_PAPER}"),
-    "cure-preactresnet18-cifar10": ("cure", {**_R18, "p": 20, "alpha": 0.2},
+    "cure-preactresnet18-cifar10": ("cure", {**_R18, "p": 20, "rgp_alpha": 0.2},
                                     {"model": "preactresnet18", "weight_decay": 5e-3},
                                     f"CURE PreActResNet-18 CIFAR-10, {_PAPER}"),
     "cure-eff-resnet18-cifar10": ("cure-eff", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
