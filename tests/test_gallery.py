@@ -64,6 +64,17 @@ def test_costed_logs_an_analysis_only_when_it_succeeds(tmp_path):
     assert set(costs) == {"cka"} and costs["cka"] >= 0 and len(runs.read_jsonl(tmp_path / runs.COSTS)) == 2
 
 
+def test_costed_logs_wall_time_and_process_cpu_time_apart(tmp_path):
+    import time
+
+    from layerlab import runs
+
+    with runs.costed(tmp_path, "sleep"):
+        time.sleep(0.3)  # wall time passes, this process's CPU time hardly does
+    row = runs.read_jsonl(tmp_path / runs.COSTS)[0]
+    assert row["seconds"] >= 0.3 and row["cpu_seconds"] < 0.2
+
+
 def test_gallery_wall_time_counts_each_run_and_analysis_once(tmp_path):
     from layerlab import runs
     from layerlab.gallery.manifest import _analysis_cost, gallery_wall_time

@@ -82,3 +82,18 @@ def test_cure_rgp_weight_is_rgp_alpha_and_old_records_still_read():
     assert upgrade(make_config("smoke", method="at", method_args={"alpha": 1}).to_dict())["method_args"] == {"alpha": 1}
     with pytest.raises(ValueError):
         build_method("cure", {"alpha": 0.2})  # the PGD step's name is not CURE's
+
+
+@pytest.mark.slow
+def test_the_gallery_reuses_runs_that_compare_trained_with_the_same_profile(tmp_path):
+    from layerlab.gallery import context
+    from layerlab.gallery.runs import method_runs
+
+    root = tmp_path / "runs"
+    result = invoke("compare", "--profile", "tiny", "--methods", "st,at", "--out", root, "--no-progress")
+    assert result.exit_code == 0, result.output
+    made = {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")}
+    assert len(made) == 2
+    found = method_runs(context("tiny", root, tmp_path / "figures"), ["st", "at"])
+    assert set(found) == {"st", "at"}
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == made  # re-used, not retrained
