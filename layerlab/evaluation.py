@@ -15,6 +15,7 @@ gradients are non-zero, and every adversarial batch stays in the eps-ball and in
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -50,13 +51,24 @@ AA_INSTALL = "AutoAttack needs the authors' package: pip install pyautoattack"
 class Run:
     """A run directory as a handle: its config, summary and metrics, a checkpoint's model and its data splits.
 
-    Every instrument that reads a run accepts a ``Run`` or a run directory (:meth:`of`)."""
+    A ``Run`` is a path-like object (:func:`os.fspath` gives its directory), so every instrument that takes a run
+    directory (``evaluate_run``, ``cka_run``, ``corruptions_for_run``, ``run_lsc``, ``minpert_for_runs``,
+    ``attributions_for_runs``) takes a ``Run`` too, and reads it through this handle (:meth:`of`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
     @classmethod
-    def of(cls, run: Run | str | Path) -> Run:
+    def of(cls, run: Run | str | os.PathLike) -> Run:
         """``run`` itself when it is a ``Run``, else the handle of the directory ``run``."""
         return run if isinstance(run, Run) else cls(run)
 

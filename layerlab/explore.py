@@ -35,12 +35,13 @@ from typing import Any, Iterator, Sequence
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from layerlab import runs
+from layerlab.analysis.curves import curves_of
 from layerlab.callbacks import Callback
 from layerlab.config import TrainConfig
 from layerlab.plots.cka import cka_view, draw_cka
+from layerlab.plots.curves import draw_curves
 from layerlab.plots.lsc import draw_lsc_landscape, draw_removal_rate
 from layerlab.plots.style import new_figure
 from layerlab.train import splits_for, train
@@ -163,18 +164,13 @@ def render_curves(selected: Sequence[RunFiles], mode: str, epoch: int) -> bytes:
     """Test (solid) and validation (dashed) accuracy of each run per epoch, the chosen epoch marked."""
     if not selected:
         return _message("select one or more runs", "accuracy")
-    test_key, val_key = MODES[mode]
+    test_key, _ = MODES[mode]
+    df = curves_of({run.label: run.metrics for run in selected})
     fig, axes = new_figure(width=5.6, height=3.6)
     ax = axes[0, 0]
-    for i, run in enumerate(selected):
-        colour = f"C{i % 10}"
-        for key, style in ((test_key, "-"), (val_key, "--")):
-            pts = [(r["epoch"], r[key]) for r in run.metrics if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), style, color=colour, marker="o" if style == "-" else None, markersize=3,
-                        label=run.label if style == "-" else None)
+    draw_curves(df, ax, "test", test_key, {run.label: f"C{i % 10}" for i, run in enumerate(selected)},
+                with_val=True)
     ax.axvline(epoch, color="0.3", linewidth=1, linestyle=":")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=f"{mode} accuracy (%)", title=f"{mode} accuracy (solid test, dashed val)")
     ax.legend(fontsize="x-small")
     return _png(fig)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+import yaml
 
 from layerlab.config import PROFILES, TrainConfig, make_config, upgrade
 
@@ -67,8 +68,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml  # PyYAML: only needed for YAML config files
-
         data = yaml.safe_load(text)
     else:
         try:

@@ -53,16 +53,21 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
 
 
-def load_curves(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """Tidy per-epoch curves of every run (missing/None values are left out)."""
+def curves_of(metrics: dict[str, list[dict]]) -> pd.DataFrame:
+    """Tidy per-epoch curves of ``{run label: metrics.jsonl rows}`` (missing/None values are left out)."""
     rows = []
-    for label, run_dir in zip(run_labels(run_dirs), run_dirs):
-        for r in _metrics(Path(run_dir)):
+    for label, rows_of_run in metrics.items():
+        for r in rows_of_run:
             for key, (split, metric) in METRIC_KEYS.items():
                 if _finite(r.get(key)):
                     rows.append({"run": label, "epoch": int(r["epoch"]), "split": split, "metric": metric,
                                  "value": float(r[key])})
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+
+
+def load_curves(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """Tidy per-epoch curves of every run directory."""
+    return curves_of({label: _metrics(Path(d)) for label, d in zip(run_labels(run_dirs), run_dirs)})
 
 
 def overfitting_row(label: str, metrics: list[dict], select_on: str = "val") -> dict | None:
