@@ -97,3 +97,23 @@ def test_the_gallery_reuses_runs_that_compare_trained_with_the_same_profile(tmp_
     found = method_runs(context("tiny", root, tmp_path / "figures"), ["st", "at"])
     assert set(found) == {"st", "at"}
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/summary.json")} == made  # re-used, not retrained
+
+
+def test_each_default_has_one_home():
+    import inspect
+
+    from layerlab.analysis.lsc import run_lsc
+    from layerlab.gallery.figures import default_arg
+    from layerlab.gallery.settings import SETTINGS
+    from layerlab.methods import PRESETS
+    from layerlab.methods.cure import RGP_ALPHA, RGP_P
+    from layerlab.methods.perturbation import C_MIN
+
+    assert default_arg("rwp", "c_min") == default_arg("trades-rwp", "c_min") == C_MIN
+    assert inspect.signature(run_lsc).parameters["c_min"].default == C_MIN
+    assert PRESETS["rwp-cifar10"][1]["c_min"] == C_MIN and all(C_MIN in s.rwp_cmins for s in SETTINGS.values())
+    assert default_arg("cure", "p") == default_arg("cure-eff", "p") == PRESETS["cure-resnet18-cifar10"][1]["p"] == RGP_P
+    assert default_arg("cure", "rgp_alpha") == RGP_ALPHA
+    assert TrainConfig().eps == EPS and TrainConfig().alpha == PGD_STEP
+    lsc_help = invoke("lsc", "--help").stdout
+    assert f"default: {C_MIN:g}" in lsc_help.replace("\n", " ")

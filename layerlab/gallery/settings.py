@@ -14,6 +14,7 @@ from pathlib import Path
 
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.layerwise import paper_specs
+from layerlab.methods.perturbation import C_MIN
 
 PathMap = dict[str, Path]
 RUN_ROOT = "runs/reproduce"  # the notebooks' and `layerlab reproduce`'s default run root (git ignores runs/)
@@ -99,13 +100,13 @@ class FigureSettings:
     lsc_points: int = 9
     lsc_directions: int = 2
     lsc_panels: int = 2  # checkpoints whose landscapes are drawn
-    rwp_cmins: tuple[float, ...] = (1.0, 1.7)
+    rwp_cmins: tuple[float, ...] = (1.0, C_MIN)
     rwp_steps: tuple[int, ...] = (1, 10)
     progress: bool = False  # progress bars by default
 
 
 _FULL_ATTACKS = ("natural", "pgd20", "cw100", "aa")
-_RWP_CMINS = (1.0, 1.4, 1.7, 2.0, 2.3)
+_RWP_CMINS = (1.0, 1.4, C_MIN, 2.0, 2.3)
 _RWP_STEPS = (1, 3, 5, 10)
 _SMALL = dict(specs=("1", "23"), noreinit_specs=("23",))
 _FULL = dict(progress=True, specs=tuple(paper_specs(4)), noreinit_specs=tuple(paper_specs(4)),
