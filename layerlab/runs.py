@@ -267,8 +267,7 @@ def environment() -> dict[str, Any]:
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    import torchvision
-
+    import torchvision  # heavy to import; only its version is needed here
 
     return {
         "git_commit": commit, "git_dirty": dirty, "layerlab": getattr(layerlab, "__version__", None),
