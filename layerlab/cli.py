@@ -14,14 +14,14 @@ import typer
 
 from layerlab import distributed
 from layerlab import train as trainer
-from layerlab.analysis.attributions import attributions_for_runs
+from layerlab.analysis.attributions import attributions_runs
 from layerlab.analysis.cka import LAYER_SETS, cka_run
-from layerlab.analysis.corruptions import corruptions_for_run
+from layerlab.analysis.corruptions import corruptions_run
 from layerlab.analysis.curves import write_curves
-from layerlab.analysis.lsc import mu_grid, parse_edges, run_lsc
-from layerlab.analysis.minimum import minpert_for_runs
+from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
+from layerlab.analysis.minimum import minpert_runs
 from layerlab.config import ST_EPOCHS
-from layerlab.evaluation import evaluate_run
+from layerlab.evaluation import DEFAULT_SWEEP_255, evaluate_run
 from layerlab.gallery import GROUPS
 from layerlab.gallery import reproduce as run_all
 from layerlab.methods import METHODS, PRESETS, resolve_method
@@ -135,7 +135,8 @@ def eval_cmd(
     n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
     batch_size: int = typer.Option(256, help="evaluation batch size"),
     seed: int = typer.Option(0, help="attack seed"),
-    eps_sweep: str = typer.Option("0.25,0.5,1,2,3,4,5,6,7,8", help="eps values (x 1/255) of the eps-sweep"),
+    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
+                                  help="eps values (x 1/255) of the eps-sweep"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
@@ -177,7 +178,7 @@ def corruptions(
 ) -> None:
     """Accuracy under the 15 CIFAR-10-C corruptions (generated on the fly); writes RUN/corruptions.{csv,png}."""
     try:
-        csv, png = corruptions_for_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
+        csv, png = corruptions_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
                                        severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
                                        checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -201,7 +202,7 @@ def minpert(
     """Minimum L-inf perturbation flipping each of a few test images, per model; writes minpert.{json,npz,png}."""
     try:
         dirs = runs + list(more or [])
-        paths = minpert_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
+        paths = minpert_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
                                  checkpoint=checkpoint, device=device, data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
@@ -223,7 +224,7 @@ def attributions(
     """Saliency / integrated-gradients maps and per-block layer attributions; writes attributions.{json,npz,png}."""
     try:
         dirs = runs + list(more or [])
-        paths = attributions_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, ig_steps=ig_steps,
+        paths = attributions_runs(dirs, out or dirs[0].parent / "analysis", n=n, ig_steps=ig_steps,
                                       layer_method=layer_method, checkpoint=checkpoint, device=device,
                                       data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -342,7 +343,7 @@ def lsc_cmd(
 ) -> None:
     """Weight-loss landscapes of LSC groups (RWP Fig. 2) -> lsc.csv/png, and removal rates -> removal_rate.csv/png."""
     try:
-        paths = run_lsc(run, checkpoints.split(","), n=n, edges=parse_edges(edges),
+        paths = lsc_run(run, checkpoints.split(","), n=n, edges=parse_edges(edges),
                         mus=mu_grid(mu_min, mu_max, points), directions=directions, seed=seed, c_min=c_min,
                         attack_steps=attack_steps, batch_size=batch_size, device=device, data_dir=data_dir, out=out,
                         progress=progress)

@@ -51,9 +51,10 @@ AA_INSTALL = "AutoAttack needs the authors' package: pip install pyautoattack"
 class Run:
     """A run directory as a handle: its config, summary and metrics, a checkpoint's model and its data splits.
 
-    A ``Run`` is a path-like object (:func:`os.fspath` gives its directory), so every instrument that takes a run
-    directory (``evaluate_run``, ``cka_run``, ``corruptions_for_run``, ``run_lsc``, ``minpert_for_runs``,
-    ``attributions_for_runs``) takes a ``Run`` too, and reads it through this handle (:meth:`of`)."""
+    A ``Run`` is a path-like object (:func:`os.fspath` gives its directory), so every instrument takes one where it
+    takes a run directory, and reads it through this handle (:meth:`of`). The instruments share one naming scheme:
+    ``WHAT_run(run)`` for one run, ``WHAT_runs(runs)`` for several (``evaluate_run``, ``cka_run``,
+    ``corruptions_run``, ``lsc_run``, ``minpert_runs``, ``attributions_runs``)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)

@@ -102,7 +102,7 @@ def test_the_gallery_reuses_runs_that_compare_trained_with_the_same_profile(tmp_
 def test_each_default_has_one_home():
     import inspect
 
-    from layerlab.analysis.lsc import run_lsc
+    from layerlab.analysis.lsc import lsc_run
     from layerlab.gallery.figures import default_arg
     from layerlab.gallery.settings import SETTINGS
     from layerlab.methods import PRESETS
@@ -110,7 +110,7 @@ def test_each_default_has_one_home():
     from layerlab.methods.perturbation import C_MIN
 
     assert default_arg("rwp", "c_min") == default_arg("trades-rwp", "c_min") == C_MIN
-    assert inspect.signature(run_lsc).parameters["c_min"].default == C_MIN
+    assert inspect.signature(lsc_run).parameters["c_min"].default == C_MIN
     assert PRESETS["rwp-cifar10"][1]["c_min"] == C_MIN and all(C_MIN in s.rwp_cmins for s in SETTINGS.values())
     assert default_arg("cure", "p") == default_arg("cure-eff", "p") == PRESETS["cure-resnet18-cifar10"][1]["p"] == RGP_P
     assert default_arg("cure", "rgp_alpha") == RGP_ALPHA

@@ -117,7 +117,7 @@ def attribute_model(model: nn.Module, x: Tensor, y: Tensor, *, ig_steps: int = 3
     }
 
 
-def attributions_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 6, ig_steps: int = 32,
+def attributions_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 6, ig_steps: int = 32,
                           layer_method: str = "lig", layer_steps: int = 16, checkpoint: str = "best",
                           device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Attributions of the same images for several runs: OUT/attributions.{json,npz,png} + block bars."""

@@ -467,7 +467,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def corruptions_for_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
+def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, checkpoint: str = "best",
                         batch_size: int = 256, device: str = "auto", data_dir: str | None = None,
                         progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:

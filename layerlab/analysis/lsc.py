@@ -275,7 +275,7 @@ def mu_grid(lo: float = -1.0, hi: float = 1.0, points: int = 21) -> list[float]:
     return [round(lo + (hi - lo) * i / (points - 1), 12) for i in range(points)]
 
 
-def run_lsc(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), *, n: int | None = 1000,
+def lsc_run(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), *, n: int | None = 1000,
             edges: Sequence[float] = DEFAULT_EDGES, mus: Sequence[float] | None = None, directions: int = 3,
             seed: int = 0, c_min: float = C_MIN, attack_steps: int = 10, batch_size: int = 256,
             device: str = "auto", data_dir: str | None = None, out: str | Path | None = None,

@@ -190,7 +190,7 @@ def _value(v: float) -> float | None:
     return None if v != v else float(v)
 
 
-def minpert_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 8, method: str = "both",
+def minpert_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 8, method: str = "both",
                      eps_max: float = 32 / 255, iters: int = 12, steps: int = 50, fmn_steps: int = 100,
                      checkpoint: str = "best", device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Minimal perturbations of the same images for several runs: OUT/minpert.{json,npz,png}."""

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 import pandas as pd
 
 from layerlab import runs
-from layerlab.analysis.attributions import attributions_for_runs
+from layerlab.analysis.attributions import attributions_runs
 from layerlab.analysis.cka import cka_run
-from layerlab.analysis.corruptions import CORRUPTIONS, corruptions_for_run
-from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, recorded_epoch_checkpoints, run_lsc
-from layerlab.analysis.minimum import minpert_for_runs
+from layerlab.analysis.corruptions import CORRUPTIONS, corruptions_run
+from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, recorded_epoch_checkpoints, lsc_run
+from layerlab.analysis.minimum import minpert_runs
 from layerlab.evaluation import evaluate_run
 from layerlab.gallery.runs import method_runs
 from layerlab.gallery.settings import Context, PathMap
@@ -117,7 +117,7 @@ def corruption_result(ctx: Context, run_dir: Path) -> Path:
                 return path
         materialize(run_dir, progress=ctx.progress)
         with runs.costed(run_dir, "corruptions"):
-            csv, _ = corruptions_for_run(run_dir, n=ctx.s.corruption_n,
+            csv, _ = corruptions_run(run_dir, n=ctx.s.corruption_n,
                                          severities=list(ctx.s.corruption_severities), data_dir=ctx.data_dir)
     return csv
 
@@ -143,11 +143,11 @@ def minpert_attribution_results(ctx: Context, run_dirs: Sequence[Path]) -> PathM
                 materialize(run, progress=ctx.progress)
         if not minpert_ok:
             with runs.costed(analysis, "minpert"):
-                minpert_for_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
+                minpert_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
                                  steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
         if not attributions_ok:
             with runs.costed(analysis, "attributions"):
-                attributions_for_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
+                attributions_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
                                       layer_steps=ctx.s.layer_steps, data_dir=ctx.data_dir)
     ctx.sources += [paths["minpert"], paths["attributions"], analysis / runs.COSTS]
     return paths
@@ -165,7 +165,7 @@ def lsc_result(ctx: Context, run_dir: Path) -> PathMap:
                 return paths
         materialize(run_dir, progress=ctx.progress)
         with runs.costed(run_dir, "lsc"):
-            return run_lsc(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
+            return lsc_run(run_dir, tokens, n=ctx.s.lsc_n, mus=mu_grid(-1.0, 1.0, ctx.s.lsc_points),
                            directions=ctx.s.lsc_directions, attack_steps=ctx.cfg.attack_steps,
                            data_dir=ctx.data_dir, progress=ctx.progress, plot=False)
 
