@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import Context, Result, Target, interleave, sync
 from benchmarks.method_cost import make_batch, make_model
+from layerlab.config import EPS, PGD_STEP
 from layerlab.methods import AttackSettings, StepContext, build_method
 
 NAME = "hardware"
@@ -104,7 +105,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
     model = make_model(s.hw_width, 0, ctx.device)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x, y = make_batch(s.hw_batch, 0, ctx.device)
-    attack = AttackSettings(8 / 255, 2 / 255, s.hw_pgd_steps, "linf")
+    attack = AttackSettings(EPS, PGD_STEP, s.hw_pgd_steps, "linf")
     step, step_cl = at_step(model, x, y, attack), at_step(model_cl, x, y, attack)
     t0 = time.perf_counter()
     flops, per_op = count_flops(step)  # also the warm-up of the contiguous model

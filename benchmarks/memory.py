@@ -60,6 +60,7 @@ def warm_up_lazy_imports() -> None:
 
 def step_worker(args: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: memory of the state a method builds, and the peak of its training steps."""
+    from layerlab.config import EPS, PGD_STEP
     from layerlab.methods import AttackSettings, StepContext, build_method
 
     device = torch.device(args["device"])
@@ -70,7 +71,7 @@ def step_worker(args: dict[str, Any]) -> dict[str, Any]:
     method = build_method(args["method"])
     method.setup(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    attack = AttackSettings(8 / 255, 2 / 255, args["pgd_steps"], "linf")
+    attack = AttackSettings(EPS, PGD_STEP, args["pgd_steps"], "linf")
     generator = torch.Generator(device).manual_seed(1)
 
     def steps() -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Context, Result, Target, interleave
+from layerlab.config import EPS, PGD_STEP
 from layerlab.methods import AttackSettings, StepContext, build_method
 from layerlab.methods.perturbation import WeightPerturbation
 from layerlab.models import build_model
@@ -112,7 +113,7 @@ def measure(ctx: Context, width: float, batch: int, log: Callable[[str], None]) 
     s = ctx.settings
     model0 = make_model(width, 0, ctx.device)
     x, y = make_batch(batch, 0, ctx.device)
-    attack = AttackSettings(8 / 255, 2 / 255, s.pgd_steps, "linf")
+    attack = AttackSettings(EPS, PGD_STEP, s.pgd_steps, "linf")
     candidates = {c: method_step(m, a, model0, x, y, attack) for c, (m, a) in CANDIDATES.items()}
     candidates["one-step"] = one_step(model0, x, y, attack.eps)
     samples = interleave(candidates, s.rounds, s.warmup, ctx.device, log)

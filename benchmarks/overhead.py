@@ -30,7 +30,8 @@ from benchmarks.common import Context, Result, Target, interleave
 from benchmarks.method_cost import CIFAR_MEAN, CIFAR_STD
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits, augment
-from layerlab.train import Callback, build_run_model, setup, train_epoch
+from layerlab.callbacks import Callback
+from layerlab.train import build_run_model, setup, train_epoch
 
 NAME = "overhead"
 TITLE = "framework overhead: layerlab AT epoch vs bare PyTorch loop"

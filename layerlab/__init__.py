@@ -6,11 +6,11 @@ import importlib
 from typing import Any
 
 # Submodules reachable as attributes without importing them (and torch, ipywidgets, ...) at `import layerlab`.
-_LAZY = ("explore", "reproduce")
+_LAZY = ("explore", "gallery")
 
 
 def __getattr__(name: str) -> Any:
-    """``layerlab.explore(ROOT)`` (the explorer app) and ``layerlab.reproduce``, imported on first use."""
+    """``layerlab.explore(ROOT)`` (the explorer app) and ``layerlab.gallery``, imported on first use."""
     if name in _LAZY:
         return importlib.import_module(f"layerlab.{name}")
     raise AttributeError(f"module 'layerlab' has no attribute {name!r}")

@@ -2,44 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
 import typer
 
-from layerlab.config import PROFILES, ST_EPOCHS, TrainConfig, make_config
+from layerlab import distributed
+from layerlab import train as trainer
+from layerlab.analysis.attributions import attributions_runs
+from layerlab.analysis.cka import LAYER_SETS, cka_run
+from layerlab.analysis.corruptions import corruptions_run
+from layerlab.analysis.curves import write_curves
+from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
+from layerlab.analysis.minimum import minpert_runs
+from layerlab.config import ST_EPOCHS
+from layerlab.evaluation import DEFAULT_SWEEP_255, evaluate_run
+from layerlab.gallery import GROUPS
+from layerlab.gallery import reproduce as run_all
+from layerlab.methods import METHODS, PRESETS, resolve_method
+from layerlab.methods.perturbation import C_MIN
+from layerlab.options import UNITS_HELP, ConfigArgs, config_options
+from layerlab.plots.cka import plot_cka
+from layerlab.plots.layer_stats import plot_grads
+from layerlab.plots.robustness import plot_eps_sweep
+from layerlab.records import export_records, restore_records
+from layerlab.study import run_freeze_study, run_method_comparison
+from layerlab.system import tune_cpu_allocator
 
 app = typer.Typer(help="Layer-wise analysis of adversarial training (CURE, RWP) in PyTorch.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-# Options shared by `train` and `freeze-study`. None means "the profile's value".
-ProfileOpt = typer.Option("smoke", help=f"consistent defaults: {', '.join(PROFILES)} (any flag overrides them)")
-ModelOpt = typer.Option(None, help="resnet18, preactresnet18, wrn34-10, wrn28-10, resnet50, resnet101")
-WidthOpt = typer.Option(None, help="channel width multiplier (1.0 = the standard model)")
-DatasetOpt = typer.Option(None, help="digits (built in), cifar10, cifar100, svhn, or folder:PATH")
 DataDirOpt = typer.Option(None, "--data-dir", help="where datasets live (else $LAYERLAB_DATA)")
-DownloadOpt = typer.Option(None, "--download/--no-download", help="let torchvision download the dataset")
-EpochsOpt = typer.Option(None, help="training epochs")
-BatchOpt = typer.Option(None, help="batch size")
-LrOpt = typer.Option(None, help="initial learning rate (SGD, momentum 0.9)")
-WdOpt = typer.Option(None, help="weight decay")
-ScheduleOpt = typer.Option(None, help="step (/10 at 50%,75%), multistep:E1,E2, cosine, constant")
-TrainSizeOpt = typer.Option(None, help="class-balanced training subset size (seeded)")
-TestSizeOpt = typer.Option(None, help="class-balanced test subset size (seeded)")
-ValSizeOpt = typer.Option(None, help="validation examples held out of training, used to pick 'best'")
-AttackStepsOpt = typer.Option(None, help="PGD steps at training time (paper: 10)")
-EvalStepsOpt = typer.Option(None, help="PGD steps of the final robust accuracy (paper: 20)")
-SeedOpt = typer.Option(None, help="random seed (model init, data order, attacks)")
-DeviceOpt = typer.Option(None, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-AmpOpt = typer.Option(None, "--amp/--no-amp", help="bf16 autocast")
 OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
-KeepEveryOpt = typer.Option(None, "--keep-every", help="also keep checkpoints/epoch-E.pt every N epochs "
-                            "(LSC over training; 0 = best/last only; default per profile)")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
-ResetBnOpt = typer.Option(None, "--reset-bn/--keep-bn", help="when re-initializing, also reset BatchNorm "
-                          "(weights and statistics) of the updated blocks (default: keep the ST model's)")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
                                          f"profile {ST_EPOCHS}")
 
@@ -50,51 +51,35 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _common(profile: str, **values: Any) -> TrainConfig:
-    """The profile's config with every explicitly given option applied."""
-    return make_config(profile, **values)
-
-
 def _print_summary(summary: dict[str, Any]) -> None:
     typer.echo(f"{summary['method']}: natural {summary['natural_acc']:.2f}%  "
                f"PGD-{summary['attack']['steps']} {summary['robust_acc']:.2f}%  NRR {summary['nrr']:.2f}  "
                f"({summary['seconds']:.0f} s)")
 
 
-@app.command()
+def _st_epochs(config: ConfigArgs, st_epochs: int | None) -> int:
+    """Epochs of the ST model: ``--st-epochs``, else ``--epochs`` when given, else the profile's."""
+    return st_epochs or config.given.get("epochs") or ST_EPOCHS[config.profile]
+
+
+@app.command(epilog=UNITS_HELP)
+@config_options()
 def train(
     out: Path = typer.Option(..., "--out", help="run directory to write"),
-    method: str = typer.Option("at", help="training method (see `layerlab presets` for all)"),
+    method: Optional[str] = typer.Option(None, help="training method (see `layerlab presets` for all; default: "
+                                         "the --config file's, else at)"),
     preset: Optional[str] = typer.Option(None, help="a named hyper-parameter preset (`layerlab presets`)"),
     arg: list[str] = typer.Option([], "--arg", help="method hyper-parameter KEY=VALUE (repeatable)"),
-    init: Optional[str] = typer.Option(None, help="start from this checkpoint (e.g. an ST run's best.pt)"),
-    update: Optional[str] = typer.Option(None, help="update only these blocks (e.g. 23), freeze the rest"),
-    reinit: bool = typer.Option(True, "--reinit/--no-reinit", help="re-initialize the updated blocks"),
-    reset_bn: Optional[bool] = ResetBnOpt,
-    profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
-    dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, download: Optional[bool] = DownloadOpt,
-    epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
-    weight_decay: Optional[float] = WdOpt, schedule: Optional[str] = ScheduleOpt,
-    train_size: Optional[int] = TrainSizeOpt, test_size: Optional[int] = TestSizeOpt,
-    val_size: Optional[int] = ValSizeOpt, attack_steps: Optional[int] = AttackStepsOpt,
-    eval_steps: Optional[int] = EvalStepsOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
-    amp: Optional[bool] = AmpOpt, keep_every: Optional[int] = KeepEveryOpt, overwrite: bool = OverwriteOpt,
-    resume: bool = ResumeOpt, progress: bool = ProgressOpt,
+    overwrite: bool = OverwriteOpt, resume: bool = ResumeOpt, progress: bool = ProgressOpt,
+    config: ConfigArgs = None,
 ) -> None:
     """Train one model with one method and write its run directory (on several GPUs under torchrun)."""
-    from layerlab import distributed
-    from layerlab import train as trainer
-    from layerlab.methods import resolve_method
-
     try:
-        name, method_args, preset_cfg = resolve_method(method, preset, arg)
-        cfg = _common(profile, **preset_cfg).replace(
-            method=name, method_args=method_args, init=init, update=update, reinit=reinit, reset_bn=reset_bn,
-            model=model,
-            width=width, dataset=dataset, data_dir=data_dir, download=download, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, train_size=train_size,
-            test_size=test_size, val_size=val_size, attack_steps=attack_steps, eval_steps=eval_steps, seed=seed,
-            device=device, amp=amp, keep_every=keep_every)
+        base = config.build()
+        name, method_args, preset_cfg = resolve_method(method or base.method, preset, arg)
+        if method is None and preset is None:  # the config file's method keeps its hyper-parameters
+            method_args = {**base.method_args, **method_args}
+        cfg = config.build(**preset_cfg, method=name, method_args=method_args)
         with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
             main = distributed.is_main()
             summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
@@ -104,43 +89,31 @@ def train(
         _print_summary(summary)
 
 
-@app.command("freeze-study")
+@app.command("freeze-study", epilog=UNITS_HELP)
+@config_options(skip=("init", "update", "reinit"))
 def freeze_study(
     blocks: str = typer.Option("23", help="update specs, comma-separated (23 = update block2+block3), or 'all'"),
     out: Path = typer.Option(Path("runs/freeze-study"), "--out", help="study directory (ST/, AT/, U-*/, study.csv)"),
     base: Optional[str] = typer.Option(None, help="re-use this ST checkpoint instead of training ST"),
     method: str = typer.Option("at", help="adversarial method of the U-spec runs (at or trades)"),
     reinit: bool = typer.Option(True, "--reinit/--no-reinit", help="re-initialize updated blocks (else fine-tune)"),
-    reset_bn: Optional[bool] = ResetBnOpt,
     sat: bool = typer.Option(True, "--sat/--no-sat", help="also train the full AT baseline from scratch (SAT)"),
-    profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
-    dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, download: Optional[bool] = DownloadOpt,
-    epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
-    weight_decay: Optional[float] = WdOpt, train_size: Optional[int] = TrainSizeOpt,
-    test_size: Optional[int] = TestSizeOpt, val_size: Optional[int] = ValSizeOpt,
-    attack_steps: Optional[int] = AttackStepsOpt, eval_steps: Optional[int] = EvalStepsOpt,
-    st_epochs: Optional[int] = StEpochsOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
-    keep_every: Optional[int] = KeepEveryOpt, overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
+    st_epochs: Optional[int] = StEpochsOpt, overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: after ST, train the independent "
                                        "runs in parallel, one subprocess per GPU (logs in OUT/logs; not with torchrun)"),
+    config: ConfigArgs = None,
 ) -> None:
     """CURE's layer-wise study: train ST, then adversarially train only the chosen blocks of it.
 
     Finished runs in the study directory are re-used; interrupted ones are resumed. Under torchrun every
     run uses all GPUs together; with --gpus independent runs train side by side, one per GPU.
     """
-    from layerlab import distributed
-    from layerlab.study import run_freeze_study
-
     try:
-        cfg = _common(profile, model=model, width=width, dataset=dataset, data_dir=data_dir, download=download,
-                      epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      train_size=train_size, test_size=test_size, val_size=val_size, attack_steps=attack_steps,
-                      eval_steps=eval_steps, seed=seed, device=device, reset_bn=reset_bn, keep_every=keep_every)
+        cfg = config.build()
         with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
             main = distributed.is_main()
             rows = run_freeze_study(cfg, blocks, out, base=base, method=method, reinit=reinit, sat=sat,
-                                    overwrite=overwrite, progress=progress, st_epochs=st_epochs or epochs or ST_EPOCHS[profile],
+                                    overwrite=overwrite, progress=progress, st_epochs=_st_epochs(config, st_epochs),
                                     gpus=distributed.parse_gpus(gpus) if gpus is not None else None)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
@@ -162,13 +135,12 @@ def eval_cmd(
     n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
     batch_size: int = typer.Option(256, help="evaluation batch size"),
     seed: int = typer.Option(0, help="attack seed"),
-    eps_sweep: str = typer.Option("0.25,0.5,1,2,3,4,5,6,7,8", help="eps values (x 1/255) of the eps-sweep"),
+    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
+                                  help="eps values (x 1/255) of the eps-sweep"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Evaluate a run's model under attacks; writes RUN/eval.json (and RUN/eps_sweep.png for eps-sweep)."""
-    from layerlab.evaluation import evaluate_run
-
     try:
         sweep = [float(e) for e in eps_sweep.split(",") if e.strip()]
         report = evaluate_run(run, [a.strip() for a in attacks.split(",") if a.strip()], checkpoint=checkpoint,
@@ -183,8 +155,6 @@ def eval_cmd(
     for name, m in report["metrics"].items():
         typer.echo(f"{name:<12} NRR {m['nrr']:6.2f}  sum {m['sum']:7.2f}")
     if "eps_sweep" in report:
-        from layerlab.plots.robustness import plot_eps_sweep
-
         points = report["eps_sweep"]["points"]
         typer.echo("eps-sweep   " + "  ".join(f"{p['eps_255']:g}:{p['accuracy']:.1f}" for p in points))
         typer.echo(f"wrote {plot_eps_sweep({run.name: run / 'eval.json'}, run / 'eps_sweep.png')}")
@@ -207,10 +177,8 @@ def corruptions(
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Accuracy under the 15 CIFAR-10-C corruptions (generated on the fly); writes RUN/corruptions.{csv,png}."""
-    from layerlab.analysis.corruptions import corruptions_for_run
-
     try:
-        csv, png = corruptions_for_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
+        csv, png = corruptions_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
                                        severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
                                        checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -232,11 +200,9 @@ def minpert(
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Minimum L-inf perturbation flipping each of a few test images, per model; writes minpert.{json,npz,png}."""
-    from layerlab.analysis.minimum import minpert_for_runs
-
     try:
         dirs = runs + list(more or [])
-        paths = minpert_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
+        paths = minpert_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
                                  checkpoint=checkpoint, device=device, data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
@@ -256,11 +222,9 @@ def attributions(
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Saliency / integrated-gradients maps and per-block layer attributions; writes attributions.{json,npz,png}."""
-    from layerlab.analysis.attributions import attributions_for_runs
-
     try:
         dirs = runs + list(more or [])
-        paths = attributions_for_runs(dirs, out or dirs[0].parent / "analysis", n=n, ig_steps=ig_steps,
+        paths = attributions_runs(dirs, out or dirs[0].parent / "analysis", n=n, ig_steps=ig_steps,
                                       layer_method=layer_method, checkpoint=checkpoint, device=device,
                                       data_dir=data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -268,29 +232,21 @@ def attributions(
     typer.echo(f"wrote {paths['json']}, {paths['png']} and {paths['blocks_png']}")
 
 
-@app.command()
+@app.command(epilog=UNITS_HELP)
+@config_options(skip=("init", "update", "reinit", "reset_bn"))
 def compare(
     methods: str = typer.Option("st,at,trades,mart,awp,rwp,cure,cure-eff", help="comma-separated methods"),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="directory of one run per method + compare.csv"),
-    profile: str = ProfileOpt, model: Optional[str] = ModelOpt, width: Optional[float] = WidthOpt,
-    dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt, epochs: Optional[int] = EpochsOpt,
-    train_size: Optional[int] = TrainSizeOpt, test_size: Optional[int] = TestSizeOpt, seed: Optional[int] = SeedOpt,
-    st_epochs: Optional[int] = StEpochsOpt, device: Optional[str] = DeviceOpt,
-    keep_every: Optional[int] = KeepEveryOpt, overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
+    st_epochs: Optional[int] = StEpochsOpt, overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
+    config: ConfigArgs = None,
 ) -> None:
     """Train every method under the same settings (CURE from the ST run) and tabulate natural / PGD-20 / NRR.
 
     Finished runs are re-used and interrupted ones resumed, so the command can be re-run at any time.
     """
-    from layerlab.study import run_method_comparison
-
     try:
-        cfg = _common(profile, model=model, width=width, dataset=dataset, data_dir=data_dir, epochs=epochs,
-                      train_size=train_size, test_size=test_size, seed=seed, device=device,
-                      keep_every=keep_every)
-        rows = run_method_comparison(cfg, [m.strip() for m in methods.split(",") if m.strip()], out,
-                                     overwrite=overwrite, progress=progress,
-                                     st_epochs=st_epochs or epochs or ST_EPOCHS[profile])
+        rows = run_method_comparison(config.build(), [m.strip() for m in methods.split(",") if m.strip()], out,
+                                     overwrite=overwrite, progress=progress, st_epochs=_st_epochs(config, st_epochs))
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"{'method':<12}{'natural':>9}{'PGD-20':>9}{'NRR':>8}{'s/epoch':>9}{'median':>9}")
@@ -319,9 +275,6 @@ def cka(
     progress: bool = ProgressOpt,
 ) -> None:
     """Linear CKA between layers (natural vs adversarial, or two models); writes cka.json and a heatmap PNG."""
-    from layerlab.analysis.cka import LAYER_SETS, cka_run
-    from layerlab.plots.cka import plot_cka
-
     layer_spec = layers if layers in LAYER_SETS else [name.strip() for name in layers.split(",") if name.strip()]
     try:
         result, path = cka_run(run, other, mode=mode, adversarial=adversarial, n=n, batch_size=batch_size,
@@ -346,8 +299,6 @@ def plot_grads_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="figure directory (default RUN/figures)"),
 ) -> None:
     """Mean gradient per block over training and percent of weights updated per layer and phase (CURE Fig. 6)."""
-    from layerlab.plots.layer_stats import plot_grads
-
     try:
         paths = plot_grads(run, out)
     except (ValueError, FileNotFoundError, KeyError) as err:
@@ -363,14 +314,10 @@ def plot_curves_cmd(
     out: Path = typer.Option(Path("curves"), "--out", help="directory for curves.csv, overfitting.csv, curves.png"),
 ) -> None:
     """Robust overfitting: accuracy curves across runs and the best / last / delta table."""
-    from layerlab.analysis.curves import write_curves
-
     try:
         paths = write_curves(run_dirs, out, select_on=select_on)
     except (ValueError, FileNotFoundError, KeyError) as err:
         _fail(err)
-    import pandas as pd
-
     typer.echo(pd.read_csv(paths["overfitting"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -385,7 +332,7 @@ def lsc_cmd(
     mu_max: float = typer.Option(1.0, help="largest step along the direction"),
     points: int = typer.Option(21, help="grid points from mu-min to mu-max"),
     directions: int = typer.Option(3, help="random filter-normalized directions to average"),
-    c_min: float = typer.Option(1.7, help="LSC value of the removal-rate view"),
+    c_min: float = typer.Option(C_MIN, help="LSC value of the removal-rate view (RWP's default)"),
     attack_steps: int = typer.Option(10, help="PGD steps of the training adversarial examples"),
     seed: int = typer.Option(0, help="seed of the subset, the attack and the directions"),
     batch_size: int = typer.Option(256, help="batch size"),
@@ -395,10 +342,8 @@ def lsc_cmd(
     progress: bool = ProgressOpt,
 ) -> None:
     """Weight-loss landscapes of LSC groups (RWP Fig. 2) -> lsc.csv/png, and removal rates -> removal_rate.csv/png."""
-    from layerlab.analysis.lsc import mu_grid, parse_edges, run_lsc
-
     try:
-        paths = run_lsc(run, checkpoints.split(","), n=n, edges=parse_edges(edges),
+        paths = lsc_run(run, checkpoints.split(","), n=n, edges=parse_edges(edges),
                         mus=mu_grid(mu_min, mu_max, points), directions=directions, seed=seed, c_min=c_min,
                         attack_steps=attack_steps, batch_size=batch_size, device=device, data_dir=data_dir, out=out,
                         progress=progress)
@@ -411,8 +356,6 @@ def lsc_cmd(
 @app.command()
 def presets() -> None:
     """List training methods and hyper-parameter presets."""
-    from layerlab.methods import METHODS, PRESETS
-
     typer.echo("methods:")
     for name, (_, doc) in METHODS.items():
         typer.echo(f"  {name:<14}{doc}")
@@ -424,20 +367,18 @@ def presets() -> None:
 
 @app.command()
 def reproduce(
-    profile: str = typer.Option("smoke", help="smoke (minutes, digits), cpu (hours, CIFAR-10 subset), paper"),
+    profile: str = typer.Option("tiny", help="tiny (minutes, digits), smoke, cpu (hours, CIFAR-10 subset), paper: "
+                                "the same configs as under train and compare, so their runs are re-used"),
     runs: Path = typer.Option(Path("runs/reproduce"), "--runs", help="run root shared by every figure (re-used)"),
     figures: Path = typer.Option(Path("runs/figures"), "--figures", help="where figures and tables are written"),
     only: Optional[str] = typer.Option(None, help="comma-separated figure groups (default: all, in notebook order)"),
     data_dir: Optional[str] = DataDirOpt,
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
-                                            help="progress bars (default: on except at smoke scale)"),
+                                            help="progress bars (default: on at cpu and paper scale)"),
     records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
                                            "restore missing runs from it first, export finished runs to it"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
-    from layerlab.reproduce import FIGURES
-    from layerlab.reproduce import reproduce as run_all
-
     try:
         done = run_all(profile, runs, figures, data_dir, progress=progress, records=records,
                        only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
@@ -445,7 +386,7 @@ def reproduce(
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     for name, paths in done.items():
-        typer.echo(f"{name} ({FIGURES[name][0]}):")
+        typer.echo(f"{name} ({GROUPS[name].notebook}):")
         for path in paths.values():
             typer.echo(f"  {path}")
 
@@ -461,8 +402,6 @@ def records_export(
     to: Path = typer.Option(..., "--to", help="records directory (e.g. results/runs-cpu)"),
 ) -> None:
     """Copy every finished run's JSON/JSONL/CSV results (never checkpoints) to TO/RUN/."""
-    from layerlab.records import export_records
-
     try:
         names = export_records(runs, to)
     except FileNotFoundError as err:
@@ -476,8 +415,6 @@ def records_restore(
     runs: Path = typer.Option(..., "--runs", help="run root to restore the missing runs into"),
 ) -> None:
     """Lay recorded runs into RUNS where they are missing (marked record.json; retrained when weights are needed)."""
-    from layerlab.records import restore_records
-
     if not src.is_dir():
         _fail(FileNotFoundError(f"records directory {src} does not exist"))
     names = restore_records(src, runs)
@@ -491,10 +428,6 @@ def explore(
     browser: bool = typer.Option(True, "--browser/--no-browser", help="open a browser tab"),
 ) -> None:
     """Serve the interactive explorer (layerlab.explore) of a run root with Voilà on localhost."""
-    import importlib.util
-    import os
-    import tempfile
-
     from layerlab.explore import app_notebook, voila_command
 
     if not runs.is_dir():
@@ -509,8 +442,6 @@ def explore(
 
 def main() -> None:
     """Console-script entry point (the process is ours: tune glibc's allocator for training, see layerlab.system)."""
-    from layerlab.system import tune_cpu_allocator
-
     tune_cpu_allocator()
     app(prog_name="layerlab")
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -533,7 +534,6 @@ def _decode_chunk(paths: Sequence[str]) -> list[Tensor]:
 
 def _decode_pil(path: str) -> Tensor:
     """Fallback decoder: PIL to uint8 ``3 x H x W``."""
-    import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:

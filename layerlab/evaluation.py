@@ -14,6 +14,8 @@ gradients are non-zero, and every adversarial batch stays in the eps-ball and in
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -26,13 +28,12 @@ from torch import Tensor, nn
 
 from layerlab import runs
 from layerlab.attacks import eval_mode, fgsm, pgd
-from layerlab.config import TrainConfig
-from layerlab.data import Splits, load_splits, to_float
+from layerlab.config import PGD_STEP, TrainConfig
+from layerlab.data import Splits, to_float
 from layerlab.models import build_model
-from layerlab.train import nrr, resolve_device
+from layerlab.train import nrr, resolve_device, splits_for
 
 L2_EPS = 0.5
-LINF_ALPHA = 2 / 255
 BOUND_TOL = 1e-5  # float32 slack when checking ||x_adv - x|| <= eps
 DEFAULT_SWEEP_255 = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
 SUITE = ("natural", "fgsm", "pgd20", "pgd100", "pgd20-l2", "pgd100-l2", "cw100", "aa", "eps-sweep")
@@ -47,12 +48,69 @@ AA_INSTALL = "AutoAttack needs the authors' package: pip install pyautoattack"
 # --------------------------------------------------------------------------------------
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
+class Run:
+    """A run directory as a handle: its config, summary and metrics, a checkpoint's model and its data splits.
+
+    A ``Run`` is a path-like object (:func:`os.fspath` gives its directory), so every instrument takes one where it
+    takes a run directory, and reads it through this handle (:meth:`of`). The instruments share one naming scheme:
+    ``WHAT_run(run)`` for one run, ``WHAT_runs(runs)`` for several (``evaluate_run``, ``cka_run``,
+    ``corruptions_run``, ``lsc_run``, ``minpert_runs``, ``attributions_runs``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @classmethod
+    def of(cls, run: Run | str | os.PathLike) -> Run:
+        """``run`` itself when it is a ``Run``, else the handle of the directory ``run``."""
+        return run if isinstance(run, Run) else cls(run)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @functools.cached_property
+    def config(self) -> TrainConfig:
+        """The resolved config the run was trained with."""
+        path = self.path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: --run must be a layerlab run directory")
+        return TrainConfig.from_dict(runs.read_json(path)["config"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """``summary.json`` of a finished run."""
+        return runs.read_json(self.path / "summary.json")
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``, one per epoch."""
+        return runs.read_jsonl(self.path / "metrics.jsonl")
+
+    def model(self, checkpoint: str = "best", device: torch.device | str = "cpu") -> nn.Module:
+        """The model of checkpoint ``best`` or ``last``, in eval mode."""
+        path = self.path / "checkpoints" / f"{checkpoint}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: is {self.path} a finished layerlab run (checkpoint best or "
+                                    f"last)?")
+        return model_from_checkpoint(runs.load_checkpoint(path), device)
+
+    def splits(self, device: torch.device | None = None, data_dir: str | None = None) -> Splits:
+        """The data splits the run was trained and evaluated on (``data_dir`` overrides the config's)."""
+        return splits_for(self.config, device=device, data_dir=data_dir)
+
+
+def load_run_config(run_dir: Run | str | Path) -> TrainConfig:
     """The resolved config a run was trained with."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --run must be a layerlab run directory")
-    return TrainConfig.from_dict(runs.read_json(path)["config"])
+    return Run.of(run_dir).config
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> nn.Module:
@@ -65,23 +123,18 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "c
     return model.to(device).eval()
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: torch.device | str = "cpu") -> nn.Module:
+def load_run_model(run_dir: Run | str | Path, checkpoint: str = "best",
+                   device: torch.device | str = "cpu") -> nn.Module:
     """Only the model (``best`` or ``last`` checkpoint) of a run directory, in eval mode."""
-    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished layerlab run (checkpoint best or last)?")
-    return model_from_checkpoint(runs.load_checkpoint(path), device)
+    return Run.of(run_dir).model(checkpoint, device)
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "auto",
+def load_run(run_dir: Run | str | Path, checkpoint: str = "best", device: str = "auto",
              data_dir: str | None = None) -> tuple[nn.Module, TrainConfig, Splits]:
     """Model (``best`` or ``last`` checkpoint), config and data splits of a run directory."""
-    cfg = load_run_config(run_dir)
-    dev = resolve_device(device)
-    model = load_run_model(run_dir, checkpoint, dev)
-    splits = load_splits(cfg.dataset, data_dir or cfg.data_dir, train_size=cfg.train_size, test_size=cfg.test_size,
-                         val_size=cfg.val_size, seed=cfg.seed, device=dev)
-    return model, cfg, splits
+    run = Run.of(run_dir)
+    cfg, dev = run.config, resolve_device(device)  # the config first: a directory without one is not a run
+    return run.model(checkpoint, dev), cfg, run.splits(dev, data_dir)
 
 
 # --------------------------------------------------------------------------------------
@@ -99,8 +152,10 @@ def expand_attacks(names: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_attack(name: str, eps: float, sweep_255: Sequence[float] = DEFAULT_SWEEP_255) -> dict[str, Any]:
-    """Settings of a named attack; unknown names list the valid forms."""
+def parse_attack(name: str, eps: float, sweep_255: Sequence[float] = DEFAULT_SWEEP_255, *,
+                 step: float = PGD_STEP) -> dict[str, Any]:
+    """Settings of a named attack (L-inf PGD and CW with step size ``step``, the run's); unknown names list the
+    valid forms."""
     if name == "natural":
         return {"name": name, "norm": "none", "eps": 0.0}
     if name == "fgsm":
@@ -119,7 +174,7 @@ def parse_attack(name: str, eps: float, sweep_255: Sequence[float] = DEFAULT_SWE
         raise ValueError(f"unknown attack {name!r}; use {ATTACK_HELP}")
     norm = "l2" if match.group(3) else "linf"
     e = L2_EPS if norm == "l2" else eps
-    return {"name": name, "norm": norm, "eps": e, "alpha": e / 4 if norm == "l2" else LINF_ALPHA,
+    return {"name": name, "norm": norm, "eps": e, "alpha": e / 4 if norm == "l2" else step,
             "steps": int(match.group(2)), "restarts": 1, "loss": "cw" if match.group(1) == "cw" else "ce"}
 
 
@@ -344,11 +399,11 @@ def collect_checks(results: dict[str, dict[str, Any]], model_checks: dict[str, A
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[str], *, eps: float,
-                   sweep_255: Sequence[float] = DEFAULT_SWEEP_255, batch_size: int = 256, seed: int = 0,
-                   progress: Any = None) -> dict[str, Any]:
+                   step: float = PGD_STEP, sweep_255: Sequence[float] = DEFAULT_SWEEP_255, batch_size: int = 256,
+                   seed: int = 0, progress: Any = None) -> dict[str, Any]:
     """Run the named attacks on (x, y); returns results, eps sweep, worst cases, metrics and checks."""
     names = expand_attacks(attacks)
-    settings = [parse_attack(a, eps, sweep_255) for a in names]
+    settings = [parse_attack(a, eps, sweep_255, step=step) for a in names]
     if "natural" not in names:
         settings.insert(0, parse_attack("natural", eps))
     probe_x, probe_y = x[:batch_size], y[:batch_size]
@@ -400,7 +455,7 @@ def evaluate_run(run_dir: str | Path, attacks: list[str], *, checkpoint: str = "
     """
     model, cfg, splits = load_run(run_dir, checkpoint, device, data_dir)
     x, y = first_examples(splits.test, n)
-    report = evaluate_model(model, x, y, attacks, eps=cfg.eps, sweep_255=sweep_255, batch_size=batch_size,
+    report = evaluate_model(model, x, y, attacks, eps=cfg.eps, step=cfg.alpha, sweep_255=sweep_255, batch_size=batch_size,
                             seed=seed, progress=progress)
     header = {"run": str(run_dir), "checkpoint": checkpoint, "n": len(y), "seed": seed, "dataset": splits.name,
               "eps": cfg.eps, "batch_size": batch_size, "method": cfg.method, "model": cfg.model, "width": cfg.width}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from layerlab import records, runs
-from layerlab.config import ST_EPOCHS, TrainConfig
+from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.methods.cure import CODE_ARGS
 from layerlab.train import train
 
@@ -116,10 +116,8 @@ def experiment(name: str) -> Experiment:
 
 
 def base_config(profile: str) -> TrainConfig:
-    """The gallery's config of ``profile`` (so experiment runs and gallery runs share a run root)."""
-    from layerlab.reproduce import base_config as gallery_base  # the gallery's settings decide the base
-
-    return gallery_base(profile)
+    """The config of ``profile`` (the same under every command, so experiment and gallery runs share a root)."""
+    return make_config(profile)
 
 
 def finished(run_dir: Path) -> bool:

@@ -33,8 +33,18 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import ipywidgets as widgets
+import numpy as np
+import pandas as pd
 
 from layerlab import runs
+from layerlab.analysis.curves import curves_of
+from layerlab.callbacks import Callback
+from layerlab.config import TrainConfig
+from layerlab.plots.cka import cka_view, draw_cka
+from layerlab.plots.curves import draw_curves
+from layerlab.plots.lsc import draw_lsc_landscape, draw_removal_rate
+from layerlab.plots.style import new_figure
+from layerlab.train import splits_for, train
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "cka.json", "layer_stats.jsonl", "lsc.csv",
              "removal_rate.csv")
@@ -104,8 +114,6 @@ def _signature(path: Path) -> tuple:
 
 def read_run_files(label: str, path: Path) -> RunFiles:
     """Read a run directory's files (missing analysis files are None)."""
-    import pandas as pd
-
     meta = runs.read_json(path / "config.json") if (path / "config.json").exists() else {}
     stats = None
     if (path / "layer_stats.jsonl").exists():
@@ -144,8 +152,6 @@ def _png(fig) -> bytes:
 
 def _message(text: str, title: str) -> bytes:
     """A small figure that says why a panel is empty."""
-    from layerlab.plots.style import new_figure
-
     fig, axes = new_figure(width=5.0, height=3.4)
     ax = axes[0, 0]
     ax.axis("off")
@@ -156,24 +162,15 @@ def _message(text: str, title: str) -> bytes:
 
 def render_curves(selected: Sequence[RunFiles], mode: str, epoch: int) -> bytes:
     """Test (solid) and validation (dashed) accuracy of each run per epoch, the chosen epoch marked."""
-    from matplotlib.ticker import MaxNLocator
-
-    from layerlab.plots.style import new_figure
-
     if not selected:
         return _message("select one or more runs", "accuracy")
-    test_key, val_key = MODES[mode]
+    test_key, _ = MODES[mode]
+    df = curves_of({run.label: run.metrics for run in selected})
     fig, axes = new_figure(width=5.6, height=3.6)
     ax = axes[0, 0]
-    for i, run in enumerate(selected):
-        colour = f"C{i % 10}"
-        for key, style in ((test_key, "-"), (val_key, "--")):
-            pts = [(r["epoch"], r[key]) for r in run.metrics if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), style, color=colour, marker="o" if style == "-" else None, markersize=3,
-                        label=run.label if style == "-" else None)
+    draw_curves(df, ax, "test", test_key, {run.label: f"C{i % 10}" for i, run in enumerate(selected)},
+                with_val=True)
     ax.axvline(epoch, color="0.3", linewidth=1, linestyle=":")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=f"{mode} accuracy (%)", title=f"{mode} accuracy (solid test, dashed val)")
     ax.legend(fontsize="x-small")
     return _png(fig)
@@ -203,23 +200,8 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
     return (f"<table class='layerlab-summary' style='border-collapse:collapse'>{head}{''.join(body)}</table>")
 
 
-def cka_view(data: dict[str, Any], blocks: Sequence[str]) -> tuple[list[str], list[str], Any]:
-    """Row names, column names and the sub-matrix of a ``cka.json`` restricted to ``blocks`` (all when empty)."""
-    import numpy as np
-
-    keep_r = [i for i, r in enumerate(data["rows"]) if not blocks or r in blocks]
-    keep_c = [j for j, c in enumerate(data["cols"]) if not blocks or c in blocks]
-    full = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], dtype=float)
-    matrix = full[np.ix_(keep_r, keep_c)] if keep_r and keep_c else np.zeros((0, 0))
-    return [data["rows"][i] for i in keep_r], [data["cols"][j] for j in keep_c], matrix
-
-
 def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
     """The run's CKA matrix (rows natural, columns adversarial inputs) over the chosen blocks."""
-    import seaborn as sns
-
-    from layerlab.plots.style import HEATMAP_CMAP, new_figure
-
     if run is None:
         return _message("select a focus run", "CKA")
     if run.cka is None:
@@ -230,10 +212,7 @@ def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
         return _message("none of the chosen blocks is in cka.json", f"CKA: {run.label}")
     fig, axes = new_figure(width=4.8, height=4.0)
     ax = axes[0, 0]
-    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap=HEATMAP_CMAP, square=True, annot=len(matrix) <= 8, fmt=".2f",
-                annot_kws={"fontsize": 7}, xticklabels=cols, yticklabels=rows, cbar_kws={"label": "linear CKA"})
-    ax.tick_params(axis="y", rotation=0)
-    ax.tick_params(axis="x", rotation=90)
+    draw_cka(ax, rows, cols, matrix, annot=len(matrix) <= 8)
     ax.set(title=f"CKA {data.get('mode', '')}: {run.label} (n={data.get('n')})",
            xlabel=data.get("col_label", "columns"), ylabel=data.get("row_label", "rows"))
     return _png(fig)
@@ -265,10 +244,6 @@ def block_gradients_at(stats, epoch: int, blocks: Sequence[str] = ()) -> dict[st
 
 def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> bytes:
     """Mean |gradient| per block and % of conv/linear weights updated per layer at ``epoch``, per run."""
-    import numpy as np
-
-    from layerlab.plots.style import new_figure
-
     with_stats = [run for run in selected if run.stats is not None]
     if not with_stats:
         return _message("no layer_stats.jsonl in the selected runs", "gradients and masks")
@@ -307,8 +282,6 @@ def nearest_checkpoint(lsc, epoch: int) -> str:
 
 def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
     """LSC landscapes of the checkpoint nearest ``epoch`` and the removal rate over training (marked)."""
-    from layerlab.plots.style import new_figure
-
     if run is None:
         return _message("select a focus run", "LSC")
     if run.lsc is None:
@@ -317,18 +290,13 @@ def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
     part = run.lsc[run.lsc["checkpoint"] == chosen]
     fig, axes = new_figure(ncols=2, width=4.4, height=3.6)
     ax_l, ax_r = axes[0]
-    mean = part.groupby(["group_lo", "group", "mu"])["loss"].mean().reset_index().sort_values(["group_lo", "mu"])
-    for i, (group, line) in enumerate(mean.groupby("group", sort=False)):
-        ax_l.plot(line["mu"], line["loss"], label=group, color=f"C{i % 10}")
-    ax_l.set(xlabel="μ (filter-normalized direction)", ylabel="adversarial loss", title=f"{run.label}: {chosen}")
-    ax_l.legend(title="LSC group", fontsize="x-small", title_fontsize="x-small")
+    draw_lsc_landscape(part, ax_l, f"{run.label}: {chosen}")
     if run.removal is not None:
         rem = run.removal.sort_values("epoch")
-        ax_r.plot(rem["epoch"], 100 * rem["removal_rate"], marker="o")
+        draw_removal_rate(rem, ax_r)
         near = rem.iloc[(rem["epoch"] - epoch).abs().argsort().iloc[0]]
         ax_r.plot([near["epoch"]], [100 * near["removal_rate"]], marker="*", markersize=14, color="C3")
-        ax_r.set(xlabel="epoch", ylabel=f"loss < {rem['c_min'].iloc[0]:g} (%)", ylim=(0, 105),
-                 title="removal rate")
+        ax_r.set_title("removal rate")
     else:
         ax_r.axis("off")
     return _png(fig)
@@ -356,8 +324,6 @@ def spec_of(blocks: Sequence[str], n_blocks: int) -> str:
 
 def whatif_config(base_run: str | Path, spec: str, *, reinit: bool = True, epochs: int = 2, method: str = "at"):
     """A smoke-scale run that starts from ``base_run``'s best weights and updates only ``spec``."""
-    from layerlab.config import TrainConfig
-
     base = Path(base_run)
     cfg = TrainConfig.from_dict(runs.read_json(base / "config.json")["config"])
     size = min(cfg.train_size or WHATIF_TRAIN_SIZE, WHATIF_TRAIN_SIZE)
@@ -372,8 +338,6 @@ def whatif_dir(root: Path, spec: str, reinit: bool) -> Path:
 
 def _progress_callback(bar: widgets.IntProgress, label: widgets.HTML):
     """A trainer callback that advances ``bar`` each step and reports each finished epoch."""
-    from layerlab.train import Callback
-
     class WidgetProgress(Callback):
         def after_step(self, model) -> None:
             bar.value = min(bar.max, bar.value + 1)
@@ -599,9 +563,6 @@ class Explorer(widgets.VBox):
 
     def launch_whatif(self, background: bool = True) -> threading.Thread | dict[str, Any] | None:
         """Train the what-if run (in a thread unless ``background`` is False); select it when done."""
-        from layerlab.data import load_splits
-        from layerlab.train import resolve_device
-
         if self._busy:
             self.whatif_log.value = "a what-if run is already training"
             return None
@@ -614,8 +575,7 @@ class Explorer(widgets.VBox):
             spec = spec_of(self.whatif_blocks.value, n_blocks)
             cfg = whatif_config(self._paths[base], spec, reinit=self.whatif_reinit.value,
                                 epochs=self.whatif_epochs.value)
-            splits = load_splits(cfg.dataset, cfg.data_dir, train_size=cfg.train_size, test_size=cfg.test_size,
-                                 val_size=cfg.val_size, seed=cfg.seed, device=resolve_device(cfg.device))
+            splits = splits_for(cfg)
         except (ValueError, FileNotFoundError) as err:
             self.whatif_log.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
             return None
@@ -632,8 +592,6 @@ class Explorer(widgets.VBox):
         return self._thread
 
     def _train_whatif(self, cfg, out: Path, splits) -> dict[str, Any] | None:
-        from layerlab.train import train
-
         try:
             result = train(cfg, out, overwrite=True, progress=False, splits=splits,
                            callbacks=[_progress_callback(self.whatif_progress, self.whatif_log)])

@@ -3,7 +3,7 @@
 A long gallery is made over several sessions whose run roots may not survive. :func:`export_records` copies
 each finished run's tidy files (``config.json``, ``summary.json``, ``metrics.jsonl``, ``layer_stats.jsonl``,
 ``eval.json``, ``cka.json``, CSVs; never checkpoints) to a records directory; :func:`restore_records` lays
-them back into an empty run root, marked with ``record.json``, so that :mod:`layerlab.reproduce` re-uses the
+them back into an empty run root, marked with ``record.json``, so that :mod:`layerlab.gallery` re-uses the
 run and every analysis already computed on it instead of retraining. When a later step needs the weights
 (an analysis not computed yet, or a run that starts from this one), :func:`materialize` retrains the run
 from its own config and checks that it reproduces the recorded summary; recorded analyses are kept only
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from layerlab import runs
+from layerlab.config import TrainConfig
+from layerlab.train import train
 
 MARKER = "record.json"  # in a restored run directory: it holds results, not checkpoints
 ASIDE = ".record"  # RUN.record/: where a record waits while its run is retrained
@@ -114,9 +116,6 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     The record is kept aside in ``RUN.record/`` while training (and put back when training fails). Its analysis files are put back only when
     the retrained run reproduces the recorded summary (:data:`COMPARED`); either way the comparison is written
     to ``RUN/reproduced.json`` and returned. A run with checkpoints is returned unchanged (``{}``)."""
-    from layerlab.config import TrainConfig
-    from layerlab.train import train
-
     run_dir = Path(run_dir)
     if not is_record(run_dir):
         return {}
@@ -145,7 +144,7 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     elif log:
         log(f"warning: retrained {run_dir.name} differs from its record ({check}); recorded analyses dropped")
     runs.write_json(run_dir / "reproduced.json", check)
-    # the record's training was CPU time too (summary.json now holds the retrain's seconds)
+    # the recorded training's wall time counts too (summary.json now holds the retrain's seconds)
     runs.append_jsonl(run_dir / runs.COSTS, {"what": "training (the record retrained from)",
                                              "seconds": recorded.get("seconds", 0.0)})
     shutil.rmtree(aside)

@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
+import layerlab
 from layerlab.config import dumps
 
 CHECKPOINT_KEYS = ("model", "meta")
@@ -191,17 +193,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def costed(directory: str | os.PathLike, what: str) -> Iterator[None]:
-    """Time the block and, when it succeeds, append ``{what, seconds, finished, threads}`` to
-    ``directory/costs.jsonl``: the CPU time a gallery spent on each analysis, kept next to its result."""
-    start = time.perf_counter()
+    """Time the block and, when it succeeds, append ``{what, seconds, cpu_seconds, finished, threads}`` to
+    ``directory/costs.jsonl`` (``seconds``: wall time; ``cpu_seconds``: this process's CPU time, all threads),
+    what each analysis cost, kept next to its result."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     yield
     Path(directory).mkdir(parents=True, exist_ok=True)
     append_jsonl(Path(directory) / COSTS, {"what": what, "seconds": round(time.perf_counter() - start, 2),
+                                           "cpu_seconds": round(time.process_time() - cpu_start, 2),
                                            "finished": utc_now(), "threads": torch.get_num_threads()})
 
 
 def analysis_costs(directory: str | os.PathLike) -> dict[str, float]:
-    """Seconds spent per analysis kind in ``directory`` (summed over its ``costs.jsonl`` entries)."""
+    """Wall seconds spent per analysis kind in ``directory`` (summed over its ``costs.jsonl`` entries)."""
     out: dict[str, float] = {}
     for row in read_jsonl(Path(directory) / COSTS):
         out[row["what"]] = out.get(row["what"], 0.0) + float(row["seconds"])
@@ -263,10 +267,7 @@ def environment() -> dict[str, Any]:
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    import numpy
-    import torchvision
-
-    import layerlab
+    import torchvision  # heavy to import; only its version is needed here
 
     return {
         "git_commit": commit, "git_dirty": dirty, "layerlab": getattr(layerlab, "__version__", None),

@@ -11,6 +11,7 @@ instead trained side by side, one subprocess per GPU (``python -m layerlab.study
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -23,10 +24,11 @@ import torch
 
 from layerlab import distributed, runs
 from layerlab.config import TrainConfig
-from layerlab.data import load_splits
 from layerlab.layerwise import parse_specs
+from layerlab.methods import METHODS
 from layerlab.models import build_model, num_blocks
-from layerlab.train import resolve_device, train
+from layerlab.records import materialize_init
+from layerlab.train import splits_for, train
 
 STUDY_COLUMNS = ("run", "spec", "method", "reinit", "natural_acc", "robust_acc", "nrr", "trainable_params",
                  "trainable", "best_epoch", "seconds", "dir")
@@ -67,8 +69,6 @@ def run_or_reuse(cfg: TrainConfig, run_dir: Path, *, overwrite: bool, progress: 
         action, value = distributed.on_main(lambda: _plan(cfg, run_dir, overwrite))
         if action == "reuse":
             return value
-        from layerlab.records import materialize_init
-
         if not distributed.active():  # the run it starts from may be a record without weights: retrain it
             materialize_init(cfg.init, progress=progress)
         try:
@@ -115,9 +115,7 @@ def run_freeze_study(cfg: TrainConfig, blocks: str, out: str | Path, *, base: st
              for spec in specs]
     if gpus:
         return study_on_gpus([first, rest], out, gpus, overwrite=overwrite)
-    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
-                         device=resolve_device(cfg.device))
+    splits = splits_for(cfg)
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     rows = [_row(name, spec, out / name, run_or_reuse(run_cfg, out / name, **common))
             for name, spec, run_cfg in first + rest]
@@ -187,15 +185,11 @@ def run_method_comparison(cfg: TrainConfig, methods: list[str], out: str | Path,
 
     Writes ``compare.csv`` (natural / PGD accuracy, NRR, wall time per epoch) into ``out``.
     """
-    from layerlab.methods import METHODS
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     out = Path(out)
-    splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                         test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
-                         device=resolve_device(cfg.device))
+    splits = splits_for(cfg)
     common = dict(overwrite=overwrite, progress=progress, splits=splits)
     order = (["st"] if any(m in NEEDS_ST_INIT for m in methods) and "st" not in methods else []) + list(methods)
     rows = []
@@ -230,8 +224,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m layerlab.study --config JSON --out DIR [--overwrite]``: train, re-use or resume one run
     (what every ``freeze-study --gpus`` subprocess runs)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m layerlab.study", description=main.__doc__)
     parser.add_argument("--config", required=True, help="the run's TrainConfig as a JSON object")
     parser.add_argument("--out", required=True, type=Path, help="the run directory")

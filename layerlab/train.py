@@ -21,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from layerlab import distributed, runs
+from layerlab.analysis.layer_stats import GradStats
 from layerlab.attacks import eval_mode, pgd
+from layerlab.callbacks import Callback
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits, eval_batches, load_splits, train_batches
 from layerlab.layerwise import apply_update_spec, block_report, trainable_parts
@@ -33,31 +35,19 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class Callback:
-    """Observes training; every hook is optional. Used by the analysis instruments."""
-
-    def on_train_start(self, model: nn.Module, method: Method, run_dir: Path, cfg: TrainConfig,
-                       start_epoch: int) -> None:
-        """Called once before the first epoch this process trains."""
-
-    def before_step(self, model: nn.Module) -> None:
-        """Called each step before the method's training step starts."""
-
-    def after_backward(self, model: nn.Module) -> None:
-        """Called each step after gradients (and any mask) exist, before the optimizer step."""
-
-    def after_step(self, model: nn.Module) -> None:
-        """Called each step after the method's training step returned (weights final, components restored)."""
-
-    def on_epoch_end(self, epoch: int, model: nn.Module, run_dir: Path) -> None:
-        """Called after an epoch's metrics are written (``epoch`` counts from 1)."""
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; under torchrun ``cuda`` is this process's GPU."""
     if name == "auto":
         return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return distributed.local_device(torch.device(name))
+
+
+def splits_for(cfg: TrainConfig, *, device: torch.device | None = None, data_dir: str | None = None) -> Splits:
+    """The data splits ``cfg`` trains and evaluates on (``data_dir`` overrides the config's), on ``device``
+    (default: the config's device)."""
+    return load_splits(cfg.dataset, data_dir or cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                       test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed,
+                       device=resolve_device(cfg.device) if device is None else device)
 
 
 def nrr(natural: float, robust: float) -> float:
@@ -139,8 +129,7 @@ def setup(cfg: TrainConfig, splits: Splits | None = None) -> Setup:
     """Data, model, method and optimizer for ``cfg`` (``splits`` may be passed to share loaded data)."""
     device = resolve_device(cfg.device)
     if splits is None:
-        splits = load_splits(cfg.dataset, cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
-                             test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed, device=device)
+        splits = splits_for(cfg, device=device)
     model = build_run_model(cfg, splits).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -300,10 +289,6 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
             cfg = saved  # the run's own config is authoritative when resuming
     s = setup(cfg, splits)
     if cfg.grad_stats and main:
-        from layerlab.analysis.layer_stats import (
-            GradStats,  # per-layer gradient statistics (layer_stats.jsonl)
-        )
-
         if not any(isinstance(cb, GradStats) for cb in callbacks):
             callbacks.append(GradStats())
     start_epoch, best_score, best_epoch = 0, float("-inf"), 0

@@ -70,14 +70,14 @@ def analysis_run_root(tmp_path_factory, digits_splits) -> Path:
     """A run root with ST (2 epochs) and AT (3 epochs, per-epoch checkpoints, cka.json, lsc.csv): every
     explorer panel has something to draw."""
     from layerlab.analysis.cka import cka_run
-    from layerlab.analysis.lsc import mu_grid, run_lsc
+    from layerlab.analysis.lsc import mu_grid, lsc_run
     from layerlab.train import train
 
     root = tmp_path_factory.mktemp("analysis-root")
     train(tiny_config(method="st", epochs=2), root / "ST", progress=False, splits=digits_splits)
     train(tiny_config(method="at", epochs=3, keep_every=1), root / "AT", progress=False, splits=digits_splits)
     cka_run(root / "AT", n=32, batch_size=16, steps=2, device="cpu", progress=False)
-    run_lsc(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
+    lsc_run(root / "AT", [str(p) for p in sorted((root / "AT" / "checkpoints").glob("epoch-*.pt"))], n=32,
             mus=mu_grid(-0.5, 0.5, 5), directions=1, attack_steps=2, device="cpu", progress=False, plot=False)
     return root
 

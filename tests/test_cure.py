@@ -139,7 +139,7 @@ def test_p0_gamma0_step_equals_direct_trades_style_step() -> None:
     x, y = _batch()
     model = _model()
     ref = copy.deepcopy(model)
-    method = build_method("cure", {"p": 0, "gamma": 0, "alpha": 0.1})
+    method = build_method("cure", {"p": 0, "gamma": 0, "rgp_alpha": 0.1})
     method.setup(model)
     out = method.train_step(model, x, y, _sgd(model), _ctx(7))
 
@@ -172,7 +172,7 @@ def test_p0_gamma0_step_equals_direct_trades_style_step() -> None:
 def test_rgp_mask_gives_exactly_the_lowest_rgp_entries_a_zero_update() -> None:
     x, y = _batch(16)
     model = _model()
-    method = build_method("cure", {"p": 30, "alpha": 0.1, "gamma": 1.0})
+    method = build_method("cure", {"p": 30, "rgp_alpha": 0.1, "gamma": 1.0})
     method.setup(model)
     opt = _sgd(model, wd=5e-3)  # momentum and weight decay would move zero-gradient entries
     method.train_step(model, x, y, opt, _ctx(1))  # fills the momentum buffers
@@ -264,7 +264,7 @@ def test_cure_steps_equal_the_original_algorithm_bit_for_bit() -> None:
     x, y = _batch(16)
     model = _model()
     ref, rev_ref = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
-    method = build_method("cure", {"p": 30, "alpha": 0.1, "gamma": 1.0, "r": 0.9, "d": 0.5, "r_decay": "linear"})
+    method = build_method("cure", {"p": 30, "rgp_alpha": 0.1, "gamma": 1.0, "r": 0.9, "d": 0.5, "r_decay": "linear"})
     method.setup(model)
     opt, opt_ref = _sgd(model), _sgd(ref)
     gen, gen_ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
@@ -448,7 +448,7 @@ def test_presets_resolve_and_keep_epochs_out_of_overrides() -> None:
         assert resolved[1] == args
     assert PRESETS["cure-resnet18-cifar10"][2]["weight_decay"] == 5e-3
     assert PRESETS["cure-resnet18-cifar10-code"][2]["weight_decay"] == 7e-4
-    assert PRESETS["cure-wrn34-10-cifar10"][1] == {"p": 50, "alpha": 0.3, "gamma": 0.5, "r": 0.2, "d": 0.999}
+    assert PRESETS["cure-wrn34-10-cifar10"][1] == {"p": 50, "rgp_alpha": 0.3, "gamma": 0.5, "r": 0.2, "d": 0.999}
 
 
 # --- end to end ---------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ def _check_summary(run_dir) -> None:
     assert set(on_disk["revision"]) >= {"natural_acc", "robust_acc", "nrr"}
     hp = on_disk["method_hparams"]
     assert hp["objective"] == "cure" and hp["rgp.p"] == 30 and hp["revision.gamma"] == 1.0
-    assert {"alpha", "rgp.mask_scope", "revision.r", "revision.d", "revision.r_decay"} <= set(hp)
+    assert {"rgp_alpha", "rgp.mask_scope", "revision.r", "revision.d", "revision.r_decay"} <= set(hp)
 
 
 def test_train_cure_writes_revision_summary(tmp_path) -> None:
@@ -559,7 +559,7 @@ def test_revision_bn_train_uses_batch_statistics_and_leaves_buffers_to_its_forwa
 def test_code_mask_zeroes_the_lowest_signed_scores_of_block_conv1_only() -> None:
     x, y = _batch()
     model = _model()
-    method = build_method("cure", {"p": 30, "alpha": 0.1, "gamma": 0.0, "mask_rule": "code"})
+    method = build_method("cure", {"p": 30, "rgp_alpha": 0.1, "gamma": 0.0, "mask_rule": "code"})
     method.setup(model)
     rgp = _component(method, "rgp")
     ctx = _ctx(5)

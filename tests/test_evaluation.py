@@ -222,3 +222,27 @@ def test_evaluate_run_matches_robust_accuracy(run_dir):
     assert report["results"]["pgd20"]["accuracy"] == pytest.approx(direct)
     assert report["results"]["natural"]["accuracy"] == pytest.approx(
         accuracy(model, *ev.first_examples(splits.test, 16)))
+
+
+def test_run_handle_reads_a_run_and_instruments_take_it_as_a_path(st_run, tmp_path):
+    from layerlab import runs
+    from layerlab.analysis.cka import cka_run
+
+    run = ev.Run(st_run)
+    assert ev.Run.of(run) is run and run.name == st_run.name
+    assert run.config == ev.load_run_config(st_run) and run.summary["method"] == run.config.method
+    assert [r["epoch"] for r in run.metrics] == list(range(1, run.config.epochs + 1))
+    splits = run.splits(torch.device("cpu"))
+    assert len(splits.test) == run.config.test_size
+    x, y = ev.first_examples(splits.test, 8)
+    with torch.no_grad():
+        a, b = run.model("best")(x), ev.load_run_model(st_run, "best")(x)
+    assert torch.equal(a, b)
+    by_handle = ev.evaluate_run(run, ["natural", "fgsm"], n=8, device="cpu", write=False)
+    by_path = ev.evaluate_run(st_run, ["natural", "fgsm"], n=8, device="cpu", write=False)
+    assert ({k: v["accuracy"] for k, v in by_handle["results"].items()}
+            == {k: v["accuracy"] for k, v in by_path["results"].items()})
+    _, path = cka_run(run, n=8, batch_size=4, steps=1, device="cpu", out=tmp_path / "cka.json", progress=False)
+    assert runs.read_json(path)["run"] == str(st_run)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ev.Run(tmp_path / "nothing").config

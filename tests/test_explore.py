@@ -17,13 +17,13 @@ from layerlab.explore import (  # noqa: E402
     APP_CLASS,
     Explorer,
     block_gradients_at,
-    cka_view,
     discover_runs,
     nearest_checkpoint,
     read_run_files,
     spec_of,
     summary_table,
 )
+from layerlab.plots.cka import cka_view  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

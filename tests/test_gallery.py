@@ -1,12 +1,12 @@
-"""Tests for layerlab.reference (the papers' numbers) and layerlab.gallery (the README's tables)."""
+"""Tests for layerlab.gallery.reference (the papers' numbers) and layerlab.gallery.manifest (the README's tables)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from layerlab.gallery import markdown_table
-from layerlab.reference import TABLES, _nrr, comparison_rows, comparison_table
+from layerlab.gallery.reference import TABLES, comparison_rows, comparison_table, markdown_table
+from layerlab.train import nrr
 
 
 def test_published_rows_are_consistent_with_themselves():
@@ -14,7 +14,7 @@ def test_published_rows_are_consistent_with_themselves():
     the paper's own slip, 65.40), and Table 3's delta is last - best."""
     for method, row in TABLES["tradeoff"].rows.items():
         want = 65.40 if method == "CURE" else row["nrr_cw"]
-        assert _nrr(row["natural"], row["cw"]) == pytest.approx(want, abs=0.01)
+        assert nrr(row["natural"], row["cw"]) == pytest.approx(want, abs=0.01)
     for row in TABLES["overfitting"].rows.values():
         assert row["natural_last"] - row["natural_best"] == pytest.approx(row["natural_delta"], abs=0.011)
         assert row["robust_last"] - row["robust_best"] == pytest.approx(row["robust_delta"], abs=0.011)
@@ -43,7 +43,7 @@ def test_markdown_table_blanks_missing_values():
 
 def test_table_keeps_integer_ids_beside_blanks(tmp_path):
     """A block spec column with blanks (ST, SAT) is read back as "12", not "12.00"; accuracies keep 2 decimals."""
-    from layerlab.gallery import _csv_rows
+    from layerlab.gallery.manifest import _csv_rows
 
     pd.DataFrame([{"model": "ST", "spec": "", "acc": 71.1}, {"model": "U-12", "spec": "12", "acc": 33.0}]).to_csv(
         tmp_path / "t.csv", index=False)
@@ -64,9 +64,20 @@ def test_costed_logs_an_analysis_only_when_it_succeeds(tmp_path):
     assert set(costs) == {"cka"} and costs["cka"] >= 0 and len(runs.read_jsonl(tmp_path / runs.COSTS)) == 2
 
 
-def test_gallery_cpu_time_counts_each_run_and_analysis_once(tmp_path):
+def test_costed_logs_wall_time_and_process_cpu_time_apart(tmp_path):
+    import time
+
     from layerlab import runs
-    from layerlab.gallery import _analysis_cost, gallery_cpu_time
+
+    with runs.costed(tmp_path, "sleep"):
+        time.sleep(0.3)  # wall time passes, this process's CPU time hardly does
+    row = runs.read_jsonl(tmp_path / runs.COSTS)[0]
+    assert row["seconds"] >= 0.3 and row["cpu_seconds"] < 0.2
+
+
+def test_gallery_wall_time_counts_each_run_and_analysis_once(tmp_path):
+    from layerlab import runs
+    from layerlab.gallery.manifest import _analysis_cost, gallery_wall_time
 
     (tmp_path / "eval.json").write_text("{}")
     (tmp_path / "cka.json").write_text("{}")
@@ -77,15 +88,15 @@ def test_gallery_cpu_time_counts_each_run_and_analysis_once(tmp_path):
     older = {**run, "analysis_seconds": 10.0}  # the same run read by an earlier group, before its eval grew
     shared = {"/root/analysis": {"analysis_seconds": 5.0, "analysis_costs": {"minpert": 5.0}, "uncosted": []}}
     manifests = [{"runs": [older]}, {"runs": [run], "shared_analyses": shared}, {"runs": [run]}]
-    cost = gallery_cpu_time(manifests)
+    cost = gallery_wall_time(manifests)
     assert cost["runs"] == 1 and cost["training_seconds"] == 100.0 and cost["analysis_seconds"] == 35.0
     assert cost["total_seconds"] == 135.0 and cost["uncosted"] == [f"{tmp_path.name}/cka.json"]
 
 
 def test_train_seconds_counts_a_stalled_epoch_at_the_run_median(tmp_path):
-    """A worker paused (SIGSTOP) mid-epoch inflates that epoch's wall time; the gallery counts it at the median."""
+    """A process paused mid-epoch inflates that epoch's wall time; the gallery counts it at the median."""
     from layerlab import runs
-    from layerlab.gallery import STALL_FACTOR, _train_seconds, gallery_cpu_time, stalled_epochs
+    from layerlab.gallery.manifest import STALL_FACTOR, _train_seconds, gallery_wall_time, stalled_epochs
 
     walls = [100.0, 110.0, 90.0, 105.0 * STALL_FACTOR + 1, 105.0]  # median 105; epoch 4 stalled
     for i, w in enumerate(walls):
@@ -98,6 +109,6 @@ def test_train_seconds_counts_a_stalled_epoch_at_the_run_median(tmp_path):
     assert stalled_epochs(runs.read_jsonl(tmp_path / "metrics.jsonl")[:2]) == []  # too few epochs for a median
     steady = [{"epoch": i + 1, "seconds": w} for i, w in enumerate([100.0, 100.0 * STALL_FACTOR, 100.0])]
     assert stalled_epochs(steady) == []  # exactly STALL_FACTOR x the median is not a stall
-    cost = gallery_cpu_time([{"runs": [{"dir": str(tmp_path), **row}]}])
+    cost = gallery_wall_time([{"runs": [{"dir": str(tmp_path), **row}]}])
     assert cost["training_seconds"] == row["train_seconds"]
     assert cost["stalled_epochs"] == [{"run": tmp_path.name, **row["stalled_epochs"][0]}]

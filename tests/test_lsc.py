@@ -21,7 +21,7 @@ from layerlab.analysis.lsc import (
     parse_edges,
     per_example_loss,
     resolve_checkpoints,
-    run_lsc,
+    lsc_run,
     split_groups,
 )
 from layerlab.config import make_config
@@ -122,7 +122,7 @@ def test_trainer_keeps_epoch_checkpoints(run_dir):
 def test_run_lsc_writes_csvs_and_plots(run_dir, tmp_path):
     from layerlab.plots.lsc import plot_lsc, plot_removal_rate
 
-    paths = run_lsc(run_dir, ["best", "last"], n=32, mus=[-0.2, 0.0, 0.2], directions=2, attack_steps=2,
+    paths = lsc_run(run_dir, ["best", "last"], n=32, mus=[-0.2, 0.0, 0.2], directions=2, attack_steps=2,
                     batch_size=16, out=tmp_path, progress=False)
     lsc = pd.read_csv(paths["lsc"])
     assert tuple(lsc.columns) == LSC_COLUMNS

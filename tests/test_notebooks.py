@@ -13,11 +13,13 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 
-from layerlab.reproduce import FIGURES  # noqa: E402
+from layerlab.gallery import GROUPS  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-ORDER = [notebook for notebook, _ in FIGURES.values()]
-FUNCTION = {notebook: fn.__name__ for notebook, fn in FIGURES.values()}
+# The numbers the tiny gallery reported at 7bd14fd, before the gallery became a package (gallery_numbers).
+RECORDED = Path(__file__).resolve().parent / "data" / "tiny_gallery_numbers.json"
+ORDER = [g.notebook for g in GROUPS.values()]
+KEY = {g.notebook: g.key for g in GROUPS.values()}
 SLOW = {"10_rwp_ablations.ipynb", "11_cure_ablation.ipynb"}  # the most training: several extra runs each
 PARAMETERS = ("PROFILE", "RUN_ROOT", "DATA_DIR", "FIGURES")
 
@@ -50,9 +52,9 @@ def test_notebook_starts_with_one_parameters_cell_and_calls_its_figure(name):
     assigned = {t.id: node.value for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}
     assert set(assigned) == set(PARAMETERS)
-    assert ast.literal_eval(assigned["PROFILE"]) == "smoke"
+    assert ast.literal_eval(assigned["PROFILE"]) == "tiny"
     code = "\n".join(c.source for c in nb.cells[1:] if c.cell_type == "code")
-    assert f"reproduce.{FUNCTION[name]}(PROFILE, RUN_ROOT, FIGURES, DATA_DIR)" in code
+    assert f'gallery.make("{KEY[name]}", PROFILE, RUN_ROOT, FIGURES, DATA_DIR)' in code
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,7 @@ def test_notebook_runs_at_smoke_scale(name, shared):
     papermill.execute_notebook(
         str(NOTEBOOKS / name), str(shared["executed"] / name), kernel_name="python3", progress_bar=False,
         cwd=str(NOTEBOOKS), execution_timeout=600, log_output=False,
-        parameters={"PROFILE": "smoke", "RUN_ROOT": str(shared["runs"]), "DATA_DIR": None,
+        parameters={"PROFILE": "tiny", "RUN_ROOT": str(shared["runs"]), "DATA_DIR": None,
                     "FIGURES": str(shared["figures"])})  # raises PapermillExecutionError on any error
     after = summaries(shared["runs"])
     assert {p: after[p] for p in before} == before, "finished runs must be re-used, not retrained"
@@ -94,7 +96,7 @@ def test_notebook_runs_at_smoke_scale(name, shared):
     executed = nbformat.read(shared["executed"] / name, as_version=4)
     shown = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "image/png" in o.get("data", {})]
-    assert len(shown) == len(pngs), "reproduce.show displays every figure the notebook wrote"
+    assert len(shown) == len(pngs), "gallery.show displays every figure the notebook wrote"
 
 
 def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp_path):
@@ -106,7 +108,7 @@ def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp
 
     root = shared["runs"]
     before = summaries(root)
-    result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--runs", str(root), "--figures",
+    result = CliRunner().invoke(app, ["reproduce", "--profile", "tiny", "--runs", str(root), "--figures",
                                       str(tmp_path), "--only", "tradeoff,gradients"])
     assert result.exit_code == 0, result.output
     assert summaries(root) == before
@@ -131,45 +133,46 @@ def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp
 
 
 def test_reproduce_settings_per_profile():
-    from layerlab.config import PROFILES
+    from layerlab.config import PROFILES, make_config
+    from layerlab.gallery import SETTINGS, base_config, settings
     from layerlab.layerwise import paper_specs, parse_specs
-    from layerlab.reproduce import SETTINGS, base_config, settings
 
     assert set(SETTINGS) == set(PROFILES)
     for profile, s in SETTINGS.items():
         for specs in (s.specs, s.noreinit_specs):
             assert parse_specs(",".join(specs)) == list(specs)
-        assert base_config(profile).to_dict() == {**base_config(profile).to_dict(), **s.overrides}
-    assert set(SETTINGS["smoke"].specs) < set(paper_specs(4))
+        assert base_config(profile) == make_config(profile)  # one profile, one config, under every command
+    assert set(SETTINGS["tiny"].specs) < set(paper_specs(4))
     for profile in ("cpu", "paper"):  # the papers' full sets
         assert list(SETTINGS[profile].specs) == list(SETTINGS[profile].noreinit_specs) == paper_specs(4)
         assert "aa" in SETTINGS[profile].attacks and base_config(profile).dataset == "cifar10"
-    assert base_config("smoke").dataset == "digits"
+    assert base_config("tiny").dataset == base_config("smoke").dataset == "digits"
     with pytest.raises(ValueError, match="choose one of"):
         settings("laptop")
 
 
 def test_reproduce_rejects_unknown_figures_before_training(tmp_path):
-    from layerlab.reproduce import reproduce
+    from layerlab.gallery import reproduce
 
     with pytest.raises(ValueError, match="freeze_study"):
-        reproduce("smoke", tmp_path / "runs", tmp_path / "figs", only=["nope"])
+        reproduce("tiny", tmp_path / "runs", tmp_path / "figs", only=["nope"])
     assert not (tmp_path / "runs").exists()
 
 
 def test_spread_keeps_the_ends():
-    from layerlab.reproduce import _spread
+    from layerlab.gallery.results import spread
 
-    assert _spread(list(range(9)), 3) == [0, 4, 8]
-    assert _spread(list(range(7)), 4) == [0, 2, 4, 6]
-    assert _spread([1, 2], 4) == [1, 2]
-    assert _spread([1, 2, 3], 1) == [3]
+    assert spread(list(range(9)), 3) == [0, 4, 8]
+    assert spread(list(range(7)), 4) == [0, 2, 4, 6]
+    assert spread([1, 2], 4) == [1, 2]
+    assert spread([1, 2, 3], 1) == [3]
 
 
 def test_method_runs_refuse_a_run_trained_otherwise(tmp_path):
-    from layerlab.reproduce import context, method_runs
+    from layerlab.gallery import context
+    from layerlab.gallery.runs import method_runs
 
-    ctx = context("smoke", tmp_path / "runs", tmp_path / "figures")
+    ctx = context("tiny", tmp_path / "runs", tmp_path / "figures")
     run = ctx.root / "AT"
     run.mkdir()
     other = ctx.cfg.replace(method="at", method_args={}, epochs=7)
@@ -177,3 +180,40 @@ def test_method_runs_refuse_a_run_trained_otherwise(tmp_path):
     with pytest.raises(FileExistsError, match="other settings"):
         method_runs(ctx, ["at"])
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def gallery_numbers(root: Path, figures: Path) -> dict[str, object]:
+    """The numbers a gallery reports: its tables (without run directories, which are machine paths), each run's
+    final and best accuracies, and each attack-suite result."""
+    import pandas as pd
+
+    out: dict[str, object] = {}
+    for csv in sorted(c for c in figures.glob("*/**/*.csv") if c.parent.name != "data" and "data" not in c.parts[-3:-1]):
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False).drop(columns=["dir"], errors="ignore")
+        out[csv.relative_to(figures).as_posix()] = [list(frame.columns)] + frame.values.tolist()
+    for path in sorted(root.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        out[f"{path.parent.name}/summary.json"] = {k: (s[k] if k != "best" else {m: s[k][m] for m in ("natural_acc", "robust_acc")})
+                                                   for k in ("natural_acc", "robust_acc", "nrr", "best_epoch", "best")}
+    for path in sorted(root.glob("*/eval.json")):
+        e = json.loads(path.read_text())
+        out[f"{path.parent.name}/eval.json"] = {
+            **{name: r["accuracy"] for name, r in e["results"].items()},
+            **{f"eps {p['eps_255']:g}/255": p["accuracy"] for p in e.get("eps_sweep", {}).get("points", [])}}
+    return out
+
+
+def test_tiny_gallery_reports_the_numbers_recorded_before_the_refactor(shared):
+    """Runs after the notebooks: every table, run summary and attack result they produced equals the one the
+    same tiny gallery produced at 7bd14fd (the last commit before layerlab.gallery), on this machine's setup."""
+    import torch
+
+    recorded = json.loads(RECORDED.read_text())
+    if not (shared["figures"] / "01_freeze_study").exists():
+        pytest.skip("the notebooks did not run in this session")
+    if recorded["torch"] != torch.__version__:
+        pytest.skip(f"recorded with torch {recorded['torch']}, this is {torch.__version__}: floats may differ")
+    made = gallery_numbers(shared["runs"], shared["figures"])
+    common = sorted(set(made) & set(recorded["numbers"]))
+    assert len(common) >= 20 and any(k.endswith("cure_table1_tradeoff.csv") for k in common)
+    assert {k: made[k] for k in common} == {k: recorded["numbers"][k] for k in common}

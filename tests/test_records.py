@@ -152,11 +152,12 @@ def test_records_cli_round_trip(tmp_path, st_run):
 def test_a_second_process_waits_for_an_analysis_instead_of_repeating_it(tmp_path, st_run):
     """Two gallery workers ask for the same run's CKA: the second waits for the first's result and re-uses it
     (nothing computed, no cost logged twice)."""
-    from layerlab import reproduce
+    from layerlab.gallery import context
+    from layerlab.gallery.results import cka_result
 
     root = tmp_path / "root"
     shutil.copytree(st_run, root / "ST")
-    ctx = reproduce.context("smoke", root, tmp_path / "figures", progress=False)
+    ctx = context("smoke", root, tmp_path / "figures", progress=False)
     n = ctx.s.cka_n if ctx.cfg.test_size is None else min(ctx.s.cka_n, ctx.cfg.test_size)
     result = {"mode": "nat-vs-adv", "n": n, "checkpoint": "best", "made_by": "holder"}
     code = (f"import time; from layerlab import runs\nwith runs.analysis_lock({str(root / 'ST')!r}, 'cka'):\n"
@@ -166,7 +167,7 @@ def test_a_second_process_waits_for_an_analysis_instead_of_repeating_it(tmp_path
     try:
         assert holder.stdout.readline().strip() == "locked"
         start = time.monotonic()
-        path = reproduce.cka_result(ctx, root / "ST")
+        path = cka_result(ctx, root / "ST")
         assert time.monotonic() - start > 1.0  # it waited for the holder
     finally:
         holder.kill()

@@ -17,7 +17,8 @@ from layerlab.data import eval_batches
 from layerlab.evaluation import model_from_checkpoint
 from layerlab.methods.base import Method, Objective, Outputs
 from layerlab.runs import CheckpointError, RunDirExistsError
-from layerlab.train import Callback, TrainingDiverged, epoch_seconds, evaluate, lr_at, nrr, train
+from layerlab.callbacks import Callback
+from layerlab.train import TrainingDiverged, epoch_seconds, evaluate, lr_at, nrr, train
 
 TIMING = ("seconds", "eval_seconds", "train_seconds_per_epoch", "final_eval_seconds", "process_seconds")
 

@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from layerlab import runs
+from layerlab.analysis.minimum import model_labels, models_and_shared_images, predict
 from layerlab.attacks import eval_mode
 from layerlab.models import block_names
+from layerlab.plots.robustness import plot_attributions, plot_block_attributions
 
 LAYER_METHODS = ("lig", "gxa")
 CAPTUM_INSTALL = "attributions need captum: pip install captum"
@@ -114,14 +117,10 @@ def attribute_model(model: nn.Module, x: Tensor, y: Tensor, *, ig_steps: int = 3
     }
 
 
-def attributions_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 6, ig_steps: int = 32,
+def attributions_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 6, ig_steps: int = 32,
                           layer_method: str = "lig", layer_steps: int = 16, checkpoint: str = "best",
                           device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Attributions of the same images for several runs: OUT/attributions.{json,npz,png} + block bars."""
-    from layerlab import runs
-    from layerlab.analysis.minimum import model_labels, models_and_shared_images, predict
-    from layerlab.plots.robustness import plot_attributions, plot_block_attributions
-
     models, splits, idx, x, y = models_and_shared_images(run_dirs, n, checkpoint=checkpoint, device=device, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,16 +35,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from layerlab import runs
 from layerlab.attacks import eval_mode, pgd
+from layerlab.config import EPS, PGD_STEP
 from layerlab.data import ImageSet, to_float
-from layerlab.models import (
-    BasicBlock,
-    Bottleneck,
-    PreActBlock,
-    WideBasicBlock,
-    _unwrap,
-    block_names,
-)
+from layerlab.evaluation import load_run, load_run_config, model_from_checkpoint
+from layerlab.models import BasicBlock, Bottleneck, PreActBlock, WideBasicBlock, _unwrap, block_names
 
 __all__ = [
     "LAYER_SETS",
@@ -320,8 +316,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def cka_matrix(model_a: nn.Module, model_b: nn.Module | None, data: ImageSet | Iterable, *,
-               mode: str | None = None, adversarial: bool | None = None, eps: float = 8 / 255,
-               alpha: float = 2 / 255, steps: int = 10, norm: str = "linf", n: int | None = 1000,
+               mode: str | None = None, adversarial: bool | None = None, eps: float = EPS,
+               alpha: float = PGD_STEP, steps: int = 10, norm: str = "linf", n: int | None = 1000,
                batch_size: int = 100, layers: str | Sequence[str] = "blocks",
                layers_b: str | Sequence[str] | None = None, seed: int = 0, progress: bool = True) -> CKAResult:
     """Linear CKA (minibatch unbiased HSIC) between layer representations.
@@ -399,9 +395,6 @@ def cka_run(run: str | Path, other: str | Path | None = None, *, mode: str | Non
 
     The attack uses the run's eps/alpha/norm and ``steps`` PGD steps (default: the run's ``eval_steps``).
     """
-    from layerlab import runs
-    from layerlab.evaluation import load_run, load_run_config, model_from_checkpoint
-
     model_a, cfg, splits = load_run(run, checkpoint, device, data_dir)
     model_b = None
     if other is not None:

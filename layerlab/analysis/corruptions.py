@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from scipy import ndimage
 from torch import Tensor, nn
+
+from layerlab.attacks import eval_mode
+from layerlab.data import to_float
+from layerlab.evaluation import load_run
+from layerlab.plots.robustness import plot_corruptions
 
 Array = np.ndarray
 CorruptionFn = Callable[[Array, int, np.random.Generator], Array]
@@ -427,9 +433,6 @@ def corrupt(images: Tensor | Array, name: str, severity: int, seed: int = 0) -> 
 @torch.no_grad()
 def accuracy_on(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
     """Natural accuracy (percent) of ``model`` on uint8 images."""
-    from layerlab.attacks import eval_mode
-    from layerlab.data import to_float
-
     correct = 0
     with eval_mode(model):
         for start in range(0, len(labels), batch_size):
@@ -458,22 +461,17 @@ def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *, ty
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write corruption rows to CSV (columns type, group, severity, accuracy, n)."""
-    import pandas as pd
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["type", "group", "severity", "accuracy", "n"]).to_csv(path, index=False)
     return path
 
 
-def corruptions_for_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
+def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, checkpoint: str = "best",
                         batch_size: int = 256, device: str = "auto", data_dir: str | None = None,
                         progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:
     """Corruption accuracies of a run's model on its first ``n`` test images: RUN/corruptions.{csv,png}."""
-    from layerlab.evaluation import load_run
-    from layerlab.plots.robustness import plot_corruptions
-
     bad = [s for s in severities if s not in SEVERITIES]
     if bad:
         raise ValueError(f"severities must be in {SEVERITIES}, got {bad}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from layerlab import runs
+from layerlab.plots.curves import plot_curves
 
 CURVE_COLUMNS = ("run", "epoch", "split", "metric", "value")
 OVERFITTING_COLUMNS = ("run", "selected_on", "best_epoch", "best_nat", "best_rob", "last_nat", "last_rob",
@@ -52,16 +53,21 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
 
 
-def load_curves(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """Tidy per-epoch curves of every run (missing/None values are left out)."""
+def curves_of(metrics: dict[str, list[dict]]) -> pd.DataFrame:
+    """Tidy per-epoch curves of ``{run label: metrics.jsonl rows}`` (missing/None values are left out)."""
     rows = []
-    for label, run_dir in zip(run_labels(run_dirs), run_dirs):
-        for r in _metrics(Path(run_dir)):
+    for label, rows_of_run in metrics.items():
+        for r in rows_of_run:
             for key, (split, metric) in METRIC_KEYS.items():
                 if _finite(r.get(key)):
                     rows.append({"run": label, "epoch": int(r["epoch"]), "split": split, "metric": metric,
                                  "value": float(r[key])})
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+
+
+def load_curves(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """Tidy per-epoch curves of every run directory."""
+    return curves_of({label: _metrics(Path(d)) for label, d in zip(run_labels(run_dirs), run_dirs)})
 
 
 def overfitting_row(label: str, metrics: list[dict], select_on: str = "val") -> dict | None:
@@ -112,7 +118,5 @@ def write_curves(run_dirs: Sequence[str | Path], out: str | Path, select_on: str
     load_curves(run_dirs).to_csv(paths["curves"], index=False)
     overfitting_table(run_dirs, select_on).to_csv(paths["overfitting"], index=False)
     if plot:
-        from layerlab.plots.curves import plot_curves
-
         paths["figure"] = plot_curves(paths["curves"], paths["overfitting"], out / "curves.png")
     return paths

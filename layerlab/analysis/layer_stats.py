@@ -1,6 +1,6 @@
 """Per-layer gradient statistics and updated-entry fractions during training (CURE Fig. 6a, 6b, 10).
 
-:class:`GradStats` is a trainer :class:`~layerlab.train.Callback` (on by default through
+:class:`GradStats` is a trainer :class:`~layerlab.callbacks.Callback` (on by default through
 ``TrainConfig.grad_stats``) that records, per trainable parameter tensor and epoch:
 
 * ``grad_mean_abs``: mean |gradient| the optimizer sees (after any component masked it),
@@ -25,12 +25,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from layerlab import runs
+from layerlab.callbacks import Callback
 from layerlab.models import block_of_param
-from layerlab.train import Callback
 
 STATS_FILE = "layer_stats.jsonl"
 PHASES = ("initial", "middle", "final")
@@ -140,8 +141,6 @@ class GradStats(Callback):
 
 def read_layer_stats(path: str | Path) -> Any:
     """``layer_stats.jsonl`` (a run directory or the file) as a pandas DataFrame."""
-    import pandas as pd
-
     path = Path(path)
     if path.is_dir():
         path = path / STATS_FILE

@@ -14,7 +14,7 @@ over a few seeded directions. The model stays in eval mode throughout (BatchNorm
 statistics fixed), both for the attack and for the landscape.
 
 The *removal rate* view: the fraction of training adversarial examples whose loss is below the
-LSC value ``c_min`` (default 1.7), per checkpoint, over training.
+LSC value ``c_min`` (default RWP's, :data:`layerlab.methods.perturbation.C_MIN`), per checkpoint, over training.
 
 Per-epoch checkpoints (``RUN/checkpoints/epoch-E.pt``) are written by the trainer every
 ``TrainConfig.keep_every`` epochs (``--keep-every N``; the cpu and paper profiles set it).
@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +37,11 @@ from tqdm.auto import tqdm
 
 from layerlab import runs
 from layerlab.attacks import eval_mode, pgd
+from layerlab.data import to_float
+from layerlab.evaluation import load_run_config, model_from_checkpoint
+from layerlab.methods.perturbation import C_MIN
+from layerlab.plots.lsc import plot_lsc, plot_removal_rate
+from layerlab.train import resolve_device, splits_for
 
 DEFAULT_EDGES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, math.inf)
 LSC_COLUMNS = ("checkpoint", "epoch", "group", "group_lo", "group_hi", "n_examples", "direction", "mu", "loss")
@@ -58,8 +64,6 @@ def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
 def recorded_epoch_checkpoints(run_dir: str | Path) -> list[Path]:
     """The per-epoch checkpoints a run wrote (from its config's ``keep_every``), whether or not they are still
     on disk: a run restored from a record (:mod:`layerlab.records`) names them without having them."""
-    from layerlab import runs
-
     cfg = runs.read_json(Path(run_dir) / "config.json")["config"]
     every, epochs = int(cfg.get("keep_every") or 0), int(cfg["epochs"])
     folder = Path(run_dir) / "checkpoints"
@@ -229,12 +233,8 @@ def landscape(model: nn.Module, x_adv: Tensor, y: Tensor, groups: Sequence[LSCGr
 def training_subset(run_dir: str | Path, n: int | None, seed: int, device: torch.device,
                     data_dir: str | None = None) -> tuple[Tensor, Tensor, object]:
     """``n`` seeded training examples (float [0,1], no augmentation) of the run's own training split, and its config."""
-    from layerlab.data import load_splits, to_float
-    from layerlab.evaluation import load_run_config
-
     cfg = load_run_config(run_dir)
-    splits = load_splits(cfg.dataset, data_dir or cfg.data_dir, train_size=cfg.train_size, test_size=cfg.test_size,
-                         val_size=cfg.val_size, seed=cfg.seed, device=device)
+    splits = splits_for(cfg, device=device, data_dir=data_dir)
     train = splits.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     idx = order[: min(n or len(train), len(train))].to(device)
@@ -243,8 +243,6 @@ def training_subset(run_dir: str | Path, n: int | None, seed: int, device: torch
 
 def _load(path: Path, device: torch.device) -> tuple[nn.Module, int | None]:
     """The model of a checkpoint, on ``device`` in eval mode, and the epoch it was saved at."""
-    from layerlab.evaluation import model_from_checkpoint
-
     state = runs.load_checkpoint(path)
     return model_from_checkpoint(state, device), state["meta"].get("epoch")
 
@@ -277,18 +275,14 @@ def mu_grid(lo: float = -1.0, hi: float = 1.0, points: int = 21) -> list[float]:
     return [round(lo + (hi - lo) * i / (points - 1), 12) for i in range(points)]
 
 
-def run_lsc(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), *, n: int | None = 1000,
+def lsc_run(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), *, n: int | None = 1000,
             edges: Sequence[float] = DEFAULT_EDGES, mus: Sequence[float] | None = None, directions: int = 3,
-            seed: int = 0, c_min: float = 1.7, attack_steps: int = 10, batch_size: int = 256,
+            seed: int = 0, c_min: float = C_MIN, attack_steps: int = 10, batch_size: int = 256,
             device: str = "auto", data_dir: str | None = None, out: str | Path | None = None,
             progress: bool = True, plot: bool = True) -> dict[str, Path]:
     """LSC landscapes of ``checkpoints`` -> ``lsc.csv`` and removal rates -> ``removal_rate.csv`` (+ figures) in
     ``out`` (default: the run directory). Removal rates use the run's per-epoch checkpoints when it has any,
     else the given checkpoints."""
-    import pandas as pd
-
-    from layerlab.train import resolve_device
-
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -319,8 +313,6 @@ def run_lsc(run_dir: str | Path, checkpoints: Sequence[str] = ("best", "last"), 
     pd.DataFrame(lsc, columns=list(LSC_COLUMNS)).to_csv(paths["lsc"], index=False)
     pd.DataFrame(removal, columns=list(REMOVAL_COLUMNS)).to_csv(paths["removal_rate"], index=False)
     if plot:
-        from layerlab.plots.lsc import plot_lsc, plot_removal_rate
-
         paths["lsc_plot"] = plot_lsc(paths["lsc"], out / "lsc.png")
         paths["removal_rate_plot"] = plot_removal_rate(paths["removal_rate"], out / "removal_rate.png")
     return paths

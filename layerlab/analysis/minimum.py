@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from layerlab import runs
 from layerlab.attacks import cw_margin_loss, eval_mode, pgd_perturb
+from layerlab.data import to_float
+from layerlab.evaluation import load_run, load_run_config, load_run_model
+from layerlab.plots.robustness import plot_minpert
+from layerlab.train import resolve_device
 
 METHODS = ("both", "fmn", "bisection")
 FOOLBOX_INSTALL = "the FMN estimator needs foolbox 3: pip install foolbox"
@@ -144,9 +149,6 @@ def model_labels(run_dirs: Sequence[str | Path]) -> list[str]:
 def load_models(run_dirs: Sequence[str | Path], *, checkpoint: str = "best", device: str = "auto",
                 data_dir: str | None = None):
     """Models of several runs plus the first run's splits; all runs must share the data set and classes."""
-    from layerlab.evaluation import load_run, load_run_config, load_run_model
-    from layerlab.train import resolve_device
-
     if not run_dirs:
         raise ValueError("give at least one run directory")
     first, cfg, splits = load_run(run_dirs[0], checkpoint, device, data_dir)
@@ -165,8 +167,6 @@ def load_models(run_dirs: Sequence[str | Path], *, checkpoint: str = "best", dev
 
 def common_images(models: Sequence[nn.Module], images: Tensor, labels: Tensor, n: int) -> Tensor:
     """Indices of the first ``n`` test images every model classifies correctly (else the first ``n``)."""
-    from layerlab.data import to_float
-
     ok = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
     for start in range(0, len(labels), 256):
         x = to_float(images[start:start + 256])
@@ -180,8 +180,6 @@ def models_and_shared_images(run_dirs: Sequence[str | Path], n: int, *, checkpoi
                              device: str = "auto", data_dir: str | None = None):
     """The runs' models, their data splits, and the indices, float images and labels of the first ``n`` test
     images every model classifies correctly."""
-    from layerlab.data import to_float
-
     models, splits = load_models(run_dirs, checkpoint=checkpoint, device=device, data_dir=data_dir)
     idx = common_images(models, splits.test.images, splits.test.labels, n)
     return models, splits, idx, to_float(splits.test.images[idx]), splits.test.labels[idx]
@@ -192,13 +190,10 @@ def _value(v: float) -> float | None:
     return None if v != v else float(v)
 
 
-def minpert_for_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 8, method: str = "both",
+def minpert_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 8, method: str = "both",
                      eps_max: float = 32 / 255, iters: int = 12, steps: int = 50, fmn_steps: int = 100,
                      checkpoint: str = "best", device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
     """Minimal perturbations of the same images for several runs: OUT/minpert.{json,npz,png}."""
-    from layerlab import runs
-    from layerlab.plots.robustness import plot_minpert
-
     models, splits, idx, x, y = models_and_shared_images(run_dirs, n, checkpoint=checkpoint, device=device, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

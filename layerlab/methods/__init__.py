@@ -10,17 +10,11 @@ package merges them.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from layerlab.methods import cure, objectives, perturbation
-from layerlab.methods.base import (  # noqa: F401
-    AttackSettings,
-    Component,
-    Method,
-    Objective,
-    Outputs,
-    StepContext,
-)
+from layerlab.methods.base import AttackSettings, Component, Method, Objective, Outputs, StepContext  # noqa: F401
 
 MethodFactory = Callable[..., Method]
 
@@ -44,8 +38,6 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
 
 def _parse_value(text: str) -> Any:
     """``KEY=VALUE`` values: JSON when it parses (numbers, booleans, lists), else the string."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -35,6 +35,9 @@ from layerlab.methods.base import Component, Method, Objective, Outputs, StepCon
 from layerlab.methods.objectives import trades_kl
 
 MASK_SCOPES = ("conv", "conv+linear", "all")
+# The paper's ResNet-18 CIFAR-10 values (Table 9), read by the factories, the presets and the gallery.
+RGP_P = 30.0  # percent of each tensor's weights (lowest prominence) kept fixed
+RGP_ALPHA = 0.1  # weight of the natural gradient in RGP (Eq. 6) and of the KL term in the attack
 R_DECAYS = ("none", "linear", "cosine", "step")
 ATTACKS = ("alg1", "kl")  # the inner maximization: Alg. 1 step 4 (CE + alpha KL), or Eq. 4 / released code (KL)
 MASK_RULES = ("paper", "code")  # RGP mask: Eq. 6 on |gradients| (paper), or the released code's rgp_soft
@@ -81,7 +84,7 @@ class CUREObjective(Objective):
 
     name = "cure"
 
-    def __init__(self, alpha: float = 0.1, warmup: Warmup = Warmup(0), beta: float = 1.0, attack: str = "alg1"):
+    def __init__(self, alpha: float = RGP_ALPHA, warmup: Warmup = Warmup(0), beta: float = 1.0, attack: str = "alg1"):
         if attack not in ATTACKS:
             raise ValueError(f"unknown CURE attack {attack!r}; choose one of {list(ATTACKS)}")
         if beta < 0:
@@ -119,7 +122,7 @@ class CUREObjective(Objective):
         return F.cross_entropy(logits_nat, y, reduction="none") + self.beta * kl
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta, "attack": self.attack,
+        return {"rgp_alpha": self.alpha, "beta": self.beta, "attack": self.attack,
                 "warmup_epochs": self.warmup.describe()}
 
 
@@ -212,13 +215,14 @@ class RGPMask(Component):
     ``mask_scope``: "conv" (default: every convolution weight incl. stem and shortcuts; the paper's
     gradient analysis, Figs. 6/10, is about conv layers), "conv+linear" (also the classifier weight), "all"
     (also BatchNorm affine parameters and biases). Frozen parameters (requires_grad False) are never touched.
-    This follows the paper (Eq. 6, Alg. 1), not the released code, whose ``rgp_soft`` mode ranks the signed
-    alpha * g(CE_nat) + (1 - alpha) * g(KL) and masks only the blocks' ``conv1`` weights.
+    ``rule="paper"`` (default) follows the paper (Eq. 6, Alg. 1); ``rule="code"`` runs the released code's
+    ``rgp_soft`` mode instead (:meth:`_code_mask`: the signed alpha * g(CE_nat) + (1 - alpha) * g(KL), the
+    blocks' ``conv1`` weights only, gradients zeroed but weights not held).
     """
 
     name = "rgp"
 
-    def __init__(self, p: float = 30.0, alpha: float = 0.1, mask_scope: str = "conv", warmup: Warmup = Warmup(0),
+    def __init__(self, p: float = RGP_P, alpha: float = RGP_ALPHA, mask_scope: str = "conv", warmup: Warmup = Warmup(0),
                  rule: str = "paper"):
         if not 0.0 <= p <= 100.0:
             raise ValueError(f"p must be a percentage in [0, 100], got {p}")
@@ -467,37 +471,37 @@ class Revision(Component):
                 "bn": self.bn}
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1] (RGP weight of the natural gradient), got {alpha}")
+def _check_alpha(rgp_alpha: float) -> None:
+    if not 0.0 <= rgp_alpha <= 1.0:
+        raise ValueError(f"rgp_alpha must lie in [0, 1] (RGP weight of the natural gradient), got {rgp_alpha}")
 
 
-def _build(name: str, warmup: Warmup, p: float, alpha: float, gamma: float, r: float, d: float, r_decay: str,
+def _build(name: str, warmup: Warmup, p: float, rgp_alpha: float, gamma: float, r: float, d: float, r_decay: str,
            mask_scope: str, beta: float, attack: str, d_ramp: bool, revision_bn: str, mask_rule: str) -> Method:
-    _check_alpha(alpha)
-    return Method(name, CUREObjective(alpha, warmup, beta, attack),
-                  [RGPMask(p, alpha, mask_scope, warmup, mask_rule),
+    _check_alpha(rgp_alpha)
+    return Method(name, CUREObjective(rgp_alpha, warmup, beta, attack),
+                  [RGPMask(p, rgp_alpha, mask_scope, warmup, mask_rule),
                    Revision(gamma, r, d, r_decay, warmup, d_ramp, revision_bn)])
 
 
-def _cure(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+def _cure(p: float = RGP_P, rgp_alpha: float = RGP_ALPHA, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
           r_decay: str = "linear", mask_scope: str = "conv", beta: float = 1.0, attack: str = "alg1",
           d_ramp: bool = False, revision_bn: str = "eval", mask_rule: str = "paper") -> Method:
     """CURE with the paper's ResNet-18 CIFAR-10 values as defaults (Table 9). ``beta``, ``attack``, ``r_decay``,
     ``d_ramp``, ``revision_bn`` and ``mask_rule`` choose between the paper's text (the defaults) and the
     released code (preset ``cure-resnet18-cifar10-code``; the README's CURE table lists each)."""
-    return _build("cure", Warmup(0), p, alpha, gamma, r, d, r_decay, mask_scope, beta, attack, d_ramp,
+    return _build("cure", Warmup(0), p, rgp_alpha, gamma, r, d, r_decay, mask_scope, beta, attack, d_ramp,
                   revision_bn, mask_rule)
 
 
-def _cure_eff(p: float = 30.0, alpha: float = 0.1, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
+def _cure_eff(p: float = RGP_P, rgp_alpha: float = RGP_ALPHA, gamma: float = 1.0, r: float = 0.2, d: float = 0.999,
               r_decay: str = "linear", mask_scope: str = "conv", beta: float = 1.0, attack: str = "alg1",
               d_ramp: bool = False, revision_bn: str = "eval", mask_rule: str = "paper",
               warmup_epochs: int | None = None) -> Method:
     """CURE^Eff: ``warmup_epochs`` of natural training (None = 10% of the run, >= 1), then CURE."""
     if warmup_epochs is not None and (not isinstance(warmup_epochs, int) or warmup_epochs < 0):
         raise ValueError(f"warmup_epochs must be a non-negative integer or null (auto), got {warmup_epochs!r}")
-    return _build("cure-eff", Warmup(warmup_epochs), p, alpha, gamma, r, d, r_decay, mask_scope, beta, attack,
+    return _build("cure-eff", Warmup(warmup_epochs), p, rgp_alpha, gamma, r, d, r_decay, mask_scope, beta, attack,
                   d_ramp, revision_bn, mask_rule)
 
 
@@ -506,7 +510,7 @@ METHODS = {
     "cure-eff": (_cure_eff, "CURE^Eff: natural warm-up (default 10% of epochs) then CURE, no pre-trained model"),
 }
 
-_R18 = {"p": 30, "alpha": 0.1, "gamma": 1.0, "r": 0.2, "d": 0.999}
+_R18 = {"p": RGP_P, "rgp_alpha": RGP_ALPHA, "gamma": 1.0, "r": 0.2, "d": 0.999}
 # How the released code (NeurAI-Lab/CURE) runs CURE where it differs from the paper's text (README table).
 CODE_ARGS = {"beta": 5.0, "attack": "kl", "r_decay": "none", "d_ramp": True, "revision_bn": "train",
              "mask_rule": "code"}
@@ -523,13 +527,13 @@ PRESETS = {
                                    f"CURE ResNet-18 CIFAR-10, {_CODE}"),
     "cure-resnet18-cifar100": ("cure", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},
                                f"CURE ResNet-18 CIFAR-100, {_PAPER}"),
-    "cure-resnet18-svhn": ("cure", {**_R18, "alpha": 0.2}, {"model": "resnet18", "weight_decay": 5e-3},
+    "cure-resnet18-svhn": ("cure", {**_R18, "rgp_alpha": 0.2}, {"model": "resnet18", "weight_decay": 5e-3},
                            f"CURE ResNet-18 SVHN, {_PAPER}"),
-    "cure-wrn34-10-cifar10": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+    "cure-wrn34-10-cifar10": ("cure", {**_R18, "p": 50, "rgp_alpha": 0.3, "gamma": 0.5},
                               {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-10, {_PAPER}"),
-    "cure-wrn34-10-cifar100": ("cure", {**_R18, "p": 50, "alpha": 0.3, "gamma": 0.5},
+    "cure-wrn34-10-cifar100": ("cure", {**_R18, "p": 50, "rgp_alpha": 0.3, "gamma": 0.5},
                                {"model": "wrn34-10", "weight_decay": 5e-3}, f"CURE WRN-34-10 CIFAR-100, {_PAPER}"),
-    "cure-preactresnet18-cifar10": ("cure", {**_R18, "p": 20, "alpha": 0.2},
+    "cure-preactresnet18-cifar10": ("cure", {**_R18, "p": 20, "rgp_alpha": 0.2},
                                     {"model": "preactresnet18", "weight_decay": 5e-3},
                                     f"CURE PreActResNet-18 CIFAR-10, {_PAPER}"),
     "cure-eff-resnet18-cifar10": ("cure-eff", dict(_R18), {"model": "resnet18", "weight_decay": 5e-3},

@@ -49,6 +49,7 @@ from layerlab.methods.objectives import PGDAT, TRADES
 
 EPS = 1e-20  # the reference codes' guard in ||w|| / (||d|| + EPS)
 SCOPES = ("layer", "model")
+C_MIN = 1.7  # RWP's Loss Stationary Condition on CIFAR-10: the default of the factories, presets, LSC and the CLI
 COUNTERS = ("batches", "perturbed_batches", "steps", "qualified_first", "qualified_total", "examples")
 
 
@@ -282,7 +283,7 @@ class RWP(WeightPerturbation):
 
     name = "rwp"
 
-    def __init__(self, gamma: float = 0.01, c_min: float = 1.7, steps: int = 10, scope: str = "model",
+    def __init__(self, gamma: float = 0.01, c_min: float = C_MIN, steps: int = 10, scope: str = "model",
                  warmup_epochs: int = 0, proxy_lr: float = 0.01):
         if c_min is None or math.isnan(c_min):
             raise ValueError(f"c_min must be a number (use inf to perturb on every example), got {c_min}")
@@ -298,12 +299,12 @@ def _trades_awp(beta: float = 6.0, gamma: float = 0.005, warmup_epochs: int = 0,
     return Method("trades-awp", TRADES(beta=beta), [AWP(gamma, warmup_epochs, proxy_lr)])
 
 
-def _rwp(gamma: float = 0.01, c_min: float = 1.7, steps: int = 10, scope: str = "model",
+def _rwp(gamma: float = 0.01, c_min: float = C_MIN, steps: int = 10, scope: str = "model",
          warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
     return Method("rwp", PGDAT(), [RWP(gamma, c_min, steps, scope, warmup_epochs, proxy_lr)])
 
 
-def _trades_rwp(beta: float = 6.0, gamma: float = 0.005, c_min: float = 1.7, steps: int = 10,
+def _trades_rwp(beta: float = 6.0, gamma: float = 0.005, c_min: float = C_MIN, steps: int = 10,
                 scope: str = "model", warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
     return Method("trades-rwp", TRADES(beta=beta), [RWP(gamma, c_min, steps, scope, warmup_epochs, proxy_lr)])
 
@@ -312,9 +313,9 @@ METHODS = {
     "awp": (_awp, "AT-AWP (Wu et al. 2020): PGD-AT + adversarial weight perturbation, gamma=0.01"),
     "at-awp": (_awp, "alias of awp"),
     "trades-awp": (_trades_awp, "TRADES-AWP (Wu et al. 2020): TRADES beta=6 + AWP gamma=0.005"),
-    "rwp": (_rwp, "AT-RWP (Yu et al. 2022): PGD-AT + robust weight perturbation, gamma=0.01, c_min=1.7, K2=10"),
+    "rwp": (_rwp, f"AT-RWP (Yu et al. 2022): PGD-AT + robust weight perturbation, gamma=0.01, c_min={C_MIN:g}, K2=10"),
     "at-rwp": (_rwp, "alias of rwp"),
-    "trades-rwp": (_trades_rwp, "TRADES-RWP (Yu et al. 2022): TRADES beta=6 + RWP gamma=0.005, c_min=1.7"),
+    "trades-rwp": (_trades_rwp, f"TRADES-RWP (Yu et al. 2022): TRADES beta=6 + RWP gamma=0.005, c_min={C_MIN:g}"),
 }
 
 # The TRADES scripts of both reference codes use --awp-warmup 10 on 1-based epochs (perturb when
@@ -324,12 +325,12 @@ PRESETS = {
     "awp-cifar10": ("awp", {"gamma": 0.01}, {}, "AT-AWP, gamma=0.01 (Wu et al. 2020)"),
     "trades-awp-cifar10": ("trades-awp", {"beta": 6.0, "gamma": 0.005, "warmup_epochs": 9}, {},
                            "TRADES-AWP, beta=6, gamma=0.005, AWP from the 10th epoch (Wu et al. 2020)"),
-    "rwp-cifar10": ("rwp", {"gamma": 0.01, "c_min": 1.7, "steps": 10}, {}, "AT-RWP, gamma=0.01, c_min=1.7, K2=10"),
+    "rwp-cifar10": ("rwp", {"gamma": 0.01, "c_min": C_MIN, "steps": 10}, {}, f"AT-RWP, gamma=0.01, c_min={C_MIN:g}, K2=10"),
     "rwp-svhn": ("rwp", {"gamma": 0.01, "c_min": 2.2, "steps": 10}, {"dataset": "svhn"},
                  "AT-RWP on SVHN, gamma=0.01, c_min=2.2, K2=10"),
     "rwp-cifar100": ("rwp", {"gamma": 0.01, "c_min": 4.0, "steps": 10}, {"dataset": "cifar100"},
                      "AT-RWP on CIFAR-100, gamma=0.01, c_min=4.0, K2=10"),
-    "trades-rwp-cifar10": ("trades-rwp", {"beta": 6.0, "gamma": 0.005, "c_min": 1.7, "steps": 10,
+    "trades-rwp-cifar10": ("trades-rwp", {"beta": 6.0, "gamma": 0.005, "c_min": C_MIN, "steps": 10,
                                           "warmup_epochs": 9}, {},
-                           "TRADES-RWP, beta=6, gamma=0.005, c_min=1.7, K2=10, RWP from the 10th epoch"),
+                           f"TRADES-RWP, beta=6, gamma=0.005, c_min={C_MIN:g}, K2=10, RWP from the 10th epoch"),
 }

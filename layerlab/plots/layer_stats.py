@@ -4,29 +4,38 @@ the percentage of weights updated per layer in the initial / middle / final phas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from layerlab.analysis.layer_stats import (
-    PHASES,
-    block_gradients,
-    read_layer_stats,
-    updated_by_phase,
-)
+from layerlab.analysis.layer_stats import PHASES, block_gradients, read_layer_stats, updated_by_phase
 from layerlab.plots.style import new_figure, save
 
 
-def plot_block_gradients(stats, path: str | Path) -> Path:
+def draw_block_gradients(stats, ax, title: str = "Gradient magnitude per block", ylabel: bool = True) -> None:
     """Line per block: mean |gradient| (entries weighted equally) against the epoch, log scale."""
     data = block_gradients(stats)
-    fig, axes = new_figure(width=5.5, height=3.8)
-    ax = axes[0, 0]
     sns.lineplot(data=data, x="epoch", y="grad_mean_abs", hue="block", marker="o", ax=ax)
     ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel="mean |gradient|", title="Gradient magnitude per block")
+    ax.set(xlabel="epoch", ylabel="mean |gradient|" if ylabel else "", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(title="block", fontsize="small")
+
+
+def plot_block_gradients(stats, path: str | Path) -> Path:
+    """One run's mean |gradient| per block over training."""
+    fig, axes = new_figure(width=5.5, height=3.8)
+    draw_block_gradients(stats, axes[0, 0])
+    axes[0, 0].legend(title="block", fontsize="small")
+    return save(fig, path)
+
+
+def plot_block_gradient_panels(stats: dict[str, Any], path: str | Path) -> Path:
+    """CURE Fig. 6a: mean |gradient| per block over training, one panel per run (``label -> layer stats``)."""
+    fig, axes = new_figure(ncols=len(stats), width=4.2, height=3.6)
+    for i, (ax, (label, frame)) in enumerate(zip(axes[0], stats.items())):
+        draw_block_gradients(frame, ax, title=label, ylabel=i == 0)  # one y label per row
+        ax.legend(fontsize="x-small")
     return save(fig, path)
 
 

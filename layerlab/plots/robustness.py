@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from layerlab.plots.style import HEATMAP_CMAP, new_figure, save
 
@@ -22,8 +23,6 @@ def _read_json(path: str | Path) -> dict:
 
 def plot_corruptions(csv: str | Path, out: str | Path, title: str | None = None) -> Path:
     """Accuracy vs severity, one panel per corruption group, one line per corruption (clean as a dashed line)."""
-    import pandas as pd
-
     df = pd.read_csv(csv)
     clean = df[df["type"] == "clean"]["accuracy"]
     groups = [g for g in GROUP_ORDER if g in set(df["group"])]
@@ -48,8 +47,6 @@ def plot_corruptions(csv: str | Path, out: str | Path, title: str | None = None)
 
 def plot_corruption_groups(csvs: Mapping[str, str | Path], out: str | Path) -> Path:
     """Mean accuracy per corruption group and severity, one line per run (CURE Fig. 7 style)."""
-    import pandas as pd
-
     frames = []
     for label, path in csvs.items():
         df = pd.read_csv(path)

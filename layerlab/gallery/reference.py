@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from layerlab.train import nrr
+
 # our run name -> the paper's method name
 PAPER_NAMES = {"AT": "AT", "TRADES": "TRADES", "MART": "MART", "AWP": "AWP", "CURE": "CURE"}
 
@@ -32,17 +34,13 @@ class PaperTable:
     note: str = ""
 
 
-def _nrr(nat: float, rob: float) -> float:
-    return 2 * nat * rob / (nat + rob) if nat + rob > 0 else 0.0
-
-
 def _ours_table1(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     out = {}
     for r in frame.to_dict("records"):
         name = PAPER_NAMES.get(r["method"])
         if name:
             out[name] = {"natural": r["natural"], "pgd20": r["pgd20"], "cw": r["cw_inf"], "aa": r["aa"],
-                         "nrr_cw": _nrr(r["natural"], r["cw_inf"])}
+                         "nrr_cw": nrr(r["natural"], r["cw_inf"])}
     return out
 
 
@@ -120,11 +118,24 @@ def comparison_rows(key: str, group_dir: Path) -> list[dict[str, Any]]:
 
 def comparison_table(key: str, group_dir: Path) -> list[str]:
     """Markdown lines comparing the paper's numbers for figure group ``key`` with ours in ``group_dir``."""
-    from layerlab.gallery import markdown_table
-
     rows = comparison_rows(key, group_dir)
     if not rows:
         return []
     table = TABLES[key]
     lines = [f"Published: {table.source}.", "", *markdown_table(rows)]
     return lines + (["", table.note] if table.note else [])
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
+    """Rows as Markdown table lines (floats with 2 decimals, missing values blank)."""
+    if not rows:
+        return []
+    columns = columns or list(rows[0])
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])

@@ -1,11 +1,11 @@
-"""The ``figures/`` gallery's provenance: a manifest per figure group and the README assembled from them.
+"""The gallery's provenance and entry points: a manifest per figure group and the README assembled from them.
 
-Every figure call of :mod:`layerlab.reproduce` ends with :meth:`~layerlab.reproduce.Context.record`,
-which writes ``GROUP/manifest.json`` (the command that re-makes the group, profile, data, seeds, the runs
-it read with their results and training times, this call's wall time, the git commit, how the setting
-differs from the paper's) and copies the small tidy files each figure is drawn from (the runs' JSON,
-JSONL and CSV results, never checkpoints) into ``GROUP/data/RUN/``. :func:`write_readme` turns the
-manifests into ``README.md``, with the papers' published numbers (:mod:`layerlab.reference`) beside ours.
+:func:`make` runs one figure group (:data:`layerlab.gallery.figures.DRAW`) and writes ``GROUP/manifest.json``
+(the command that re-makes the group, profile, data, seeds, the runs it read with their results and training
+times, this call's wall time, the git commit, how the setting differs from the paper's), and copies the small
+tidy files each figure is drawn from (the runs' JSON, JSONL and CSV results, never checkpoints) into
+``GROUP/data/RUN/``. :func:`reproduce` makes every group in order; :func:`write_readme` turns the manifests into
+``README.md``, with the papers' published numbers (:mod:`layerlab.gallery.reference`) beside ours.
 """
 
 from __future__ import annotations
@@ -13,14 +13,31 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import statistics
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
 
 from layerlab import runs
-from layerlab.records import copy_results
-
-if TYPE_CHECKING:
-    from layerlab.reproduce import Context
+from layerlab.gallery.figures import DRAW
+from layerlab.gallery.reference import comparison_table, markdown_table
+from layerlab.gallery.settings import (
+    FIGURES_DIR,
+    GROUPS,
+    RUN_ROOT,
+    Context,
+    FigureGroup,
+    PathMap,
+    base_config,
+    context,
+    group_of,
+    settings,
+)
+from layerlab.records import copy_results, export_records, restore_records
+from layerlab.train import epoch_seconds, epoch_wall
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
@@ -29,6 +46,67 @@ STALL_FACTOR = 3.0  # an epoch this many times its run's median epoch stalled (s
 # Figure settings that differ between the profiles and are worth naming next to a figure.
 COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "epochs",
                    "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed", "amp")
+
+
+def make(key: str, profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
+         data_dir: str | None = None, *, progress: bool | None = None) -> PathMap:
+    """Make figure group ``key`` (a :data:`GROUPS` key): train or re-use its runs, draw its figures into
+    ``figures_dir/NN_key/``, write its manifest; returns ``{name: path}``. What a notebook calls."""
+    group = group_of(key)
+    ctx = context(profile, run_root, figures_dir, data_dir, progress)
+    paths = DRAW[group.key](ctx)
+    write_manifest(ctx, group, paths)
+    return paths
+
+
+def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
+              data_dir: str | None = None, *, only: Sequence[str] | None = None, progress: bool | None = None,
+              records: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, PathMap]:
+    """Every figure group (or ``only`` those named), in notebook order: what ``layerlab reproduce`` runs.
+
+    ``records`` (a directory, e.g. ``results/runs-cpu``) carries a long gallery across machines: runs recorded
+    there and missing from the run root are restored before anything trains, and every finished run's result
+    files are exported there after each group (:mod:`layerlab.records`)."""
+    names = list(GROUPS) if not only else list(only)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown figures {unknown}; choose from {', '.join(GROUPS)}")
+    settings(profile)  # fail on a bad profile before any training
+    if records is not None:
+        restored = restore_records(records, Path(run_root))
+        if log and restored:
+            log(f"restored {len(restored)} runs from {records}: {', '.join(restored)}")
+    done = {}
+    for key, group in GROUPS.items():
+        if key in names:
+            if log:
+                log(f"{key} ({group.notebook}) ...")
+            try:
+                done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress)
+            finally:  # what finished is kept even when a later run fails
+                if records is not None:
+                    export_records(run_root, records)
+    write_readme(figures_dir)
+    return done
+
+
+def show(paths: PathMap) -> None:
+    """Display a figure group's PNGs and CSV tables in a notebook (prints the paths elsewhere)."""
+    try:  # IPython: only inside a notebook
+        from IPython import get_ipython
+        from IPython.display import Image, Markdown, display
+    except ImportError:
+        get_ipython = None  # noqa: N806
+    if get_ipython is None or get_ipython() is None:
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return
+    for name, path in paths.items():
+        display(Markdown(f"**{name}**: `{path}`"))
+        if Path(path).suffix == ".png":
+            display(Image(filename=str(path)))
+        elif Path(path).suffix == ".csv":
+            display(pd.read_csv(path).round(2))
 
 
 def describe_data(dataset: str, data_dir: str | None) -> str:
@@ -45,8 +123,6 @@ def describe_data(dataset: str, data_dir: str | None) -> str:
 
 def paper_differences(ctx: Context) -> list[str]:
     """How this call's training config and analysis sizes differ from the ``paper`` profile's."""
-    from layerlab.reproduce import base_config, settings
-
     if ctx.profile == "paper":
         return []
     paper_cfg, mine = base_config("paper").to_dict(), ctx.cfg.to_dict()
@@ -74,12 +150,10 @@ def _run_row(name: str, run_dir: Path, started: float) -> dict[str, Any]:
 
 
 def _train_seconds(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """A run's whole training time (every process that trained it, with its evaluations), less its stalled
-    epochs' excess over the run's median epoch (:func:`stalled_epochs`). Summaries written before
-    ``final_eval_seconds`` existed held one process's epochs only: their epochs are summed from ``metrics.jsonl``
-    and the final evaluation, not timed then, is flagged."""
-    from layerlab.train import epoch_seconds
-
+    """A run's whole training wall time (every process that trained it, with its evaluations), less its stalled
+    epochs' excess over the run's median epoch (:func:`stalled_epochs`). A summary without
+    ``final_eval_seconds`` has its epochs summed from ``metrics.jsonl``, and its final evaluation is flagged as
+    untimed (``final_eval_timed``)."""
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
     timed = "final_eval_seconds" in summary
     recorded = summary["seconds"] if timed else epoch_seconds(metrics)
@@ -90,12 +164,8 @@ def _train_seconds(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
 def stalled_epochs(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Epochs whose wall time (training and evaluation) is over ``STALL_FACTOR`` times the run's median epoch:
-    the process was stopped or starved meanwhile (a SIGSTOP-paused worker's clock keeps running), so the gallery
-    counts each at the median instead. A run of fewer than 3 epochs has no reliable median and no stalls."""
-    import statistics
-
-    from layerlab.train import epoch_wall
-
+    the process was stopped or starved meanwhile (its wall clock kept running), so the gallery counts each at the
+    median instead. A run of fewer than 3 epochs has no reliable median and no stalls."""
     walls = [epoch_wall(r) for r in metrics]
     if len(walls) < 3:
         return []
@@ -115,29 +185,17 @@ ANALYSIS_FILES = {"eval.json": "eval", "cka.json": "cka", "corruptions.csv": "co
 
 
 def _analysis_cost(directory: Path) -> dict[str, Any]:
-    """The analysis CPU seconds logged in ``directory/costs.jsonl`` and the result files with no logged cost
-    (made before costs were logged)."""
+    """The analysis wall seconds logged in ``directory/costs.jsonl`` and the result files with no logged cost."""
     costs = runs.analysis_costs(directory)
     uncosted = sorted(f for f, kind in ANALYSIS_FILES.items() if (directory / f).exists() and kind not in costs)
     return {"analysis_seconds": round(sum(costs.values()), 1), "analysis_costs": costs, "uncosted": uncosted}
 
 
-def figure_key(group: str) -> str:
-    """The ``layerlab reproduce --only`` name of a figure-group directory (``01_freeze_study`` -> ``freeze_study``)."""
-    from layerlab.reproduce import FIGURES
-
-    for key, (notebook, _) in FIGURES.items():
-        if notebook.split("_", 1)[0] == group.split("_", 1)[0]:
-            return key
-    raise ValueError(f"no figure group numbered like {group!r}")
-
-
-def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_sources: tuple[Path, ...] = ()) -> Path:
-    """Write ``out/manifest.json`` for one figure call and copy its source data to ``out/data/``."""
-    from dataclasses import asdict
-
-    from layerlab.reproduce import FIGURES
-
+def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
+    """Write ``GROUP/manifest.json`` for one figure call (earlier calls with the same setting are kept in
+    ``calls``) and copy the runs' result files and the call's other sources to ``GROUP/data/``."""
+    out = ctx.group_dir(group)
+    extra_sources = tuple(ctx.sources)
     finished = dt.datetime.now(dt.timezone.utc)
     wall = finished.timestamp() - ctx.started
     used = [_run_row(name, d, ctx.started) for name, d in sorted(ctx.used.items())]
@@ -149,7 +207,7 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
             shutil.copy2(src, out / DATA_DIR / src.name)
     shared = {str(d): _analysis_cost(d) for d in sorted({s.parent for s in extra_sources if s.is_file()})}
     trained = sum(r["train_seconds"] for r in used if r["trained_in_call"])
-    key = figure_key(out.name)
+    key = group.key
     env = runs.environment()
     call = {"finished": finished.isoformat(timespec="seconds"), "wall_seconds": round(wall, 1),
             "training_seconds": round(trained, 1),
@@ -160,7 +218,7 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
     calls = (old.get("calls", []) if same_setting else []) + [call]  # earlier calls made with this setting
     data_root = ctx.data_dir or os.environ.get("LAYERLAB_DATA")
     manifest = {
-        "group": out.name, "key": key, "notebook": f"notebooks/{FIGURES[key][0]}",
+        "group": group.folder, "key": key, "notebook": f"notebooks/{group.notebook}",
         "command": ((f"LAYERLAB_DATA={data_root} " if data_root and ctx.cfg.dataset != "digits" else "")
                     + f"layerlab reproduce --profile {ctx.profile} --runs {ctx.root} --figures {ctx.figures} "
                       f"--only {key}"),
@@ -175,8 +233,6 @@ def write_manifest(ctx: Context, out: Path, paths: dict[str, Path], extra_source
 
 
 def _threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -203,8 +259,8 @@ def read_manifests(figures: Path) -> list[dict[str, Any]]:
     return [runs.read_json(p) for p in sorted(Path(figures).glob(f"*/{MANIFEST}"))]
 
 
-def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the gallery cost: the training time of every distinct run plus the analysis time logged in every
+def gallery_wall_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the gallery cost in wall time: the training time of every distinct run plus the analysis time logged in every
     distinct run or shared-analysis directory (the largest, i.e. latest, value seen), and the result files
     whose cost was never logged. Drawing the figures (the calls' wall time) is listed per group, not here."""
     trained: dict[str, float] = {}
@@ -229,25 +285,8 @@ def gallery_cpu_time(manifests: list[dict[str, Any]]) -> dict[str, Any]:
             "stalled_epochs": [{"run": Path(d).name, **e} for d, es in sorted(stalls.items()) for e in es]}
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[str]:
-    """Rows as Markdown table lines (floats with 2 decimals, missing values blank)."""
-    if not rows:
-        return []
-    columns = columns or list(rows[0])
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and v != v):
-            return ""
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
-
-
 def _csv_rows(path: Path, drop: tuple[str, ...] = ("dir",)) -> tuple[list[dict[str, Any]], list[str]]:
     """A table's rows for the README, without the columns ``drop`` (run directories: machine paths)."""
-    import pandas as pd
-
     frame = pd.read_csv(path)
     frame = frame[[c for c in frame.columns if c not in drop]]
     for c in frame.columns:  # integers in a column with blanks (a block spec "12") were read as floats
@@ -259,8 +298,6 @@ def _csv_rows(path: Path, drop: tuple[str, ...] = ("dir",)) -> tuple[list[dict[s
 
 
 def _group_section(m: dict[str, Any], figures: Path) -> list[str]:
-    from layerlab.reference import comparison_table
-
     last = m["calls"][-1]
     lines = [f"## {m['group']}", "",
              f"- notebook: `{m['notebook']}`; command: `{m['command']}`",
@@ -294,29 +331,29 @@ def write_readme(figures: str | Path) -> Path:
     """(Re)write ``figures/README.md`` from the groups' manifests."""
     figures = Path(figures)
     manifests = read_manifests(figures)
-    cost = gallery_cpu_time(manifests)
+    cost = gallery_wall_time(manifests)
     lines = ["# figures/: the CURE and RWP figures re-made by layerlab", "",
              "Made by `layerlab reproduce` (the same library calls as `notebooks/01-12`) on real runs; every",
              "section says how to re-make it. Written by `layerlab.gallery.write_readme` from each group's",
              "`manifest.json`; nothing here is typed in by hand except the papers' published numbers",
-             "(`layerlab/reference.py`, with their table numbers).", "",
-             f"Groups made: {len(manifests)} of 12. Cost so far: {cost['runs']} training runs, "
+             "(`layerlab/gallery/reference.py`, with their table numbers).", "",
+             f"Groups made: {len(manifests)} of {len(GROUPS)}. Cost so far: {cost['runs']} training runs, "
              f"{_hours(cost['training_seconds'])} of training + {_hours(cost['analysis_seconds'])} of analysis = "
              f"{_hours(cost['total_seconds'])} on this machine (drawing the figures: the calls' wall time "
              f"in each group).", ""]
     if cost["uncosted"]:
-        lines += [f"Not in that sum: {len(cost['uncosted'])} analysis result(s) made before analysis costs were "
-                  f"logged ({', '.join(cost['uncosted'])}).", ""]
+        lines += [f"Not in that sum: {len(cost['uncosted'])} analysis result(s) with no logged cost "
+                  f"({', '.join(cost['uncosted'])}).", ""]
     if cost["stalled_epochs"]:
         stalled = cost["stalled_epochs"]
         excess = stall_excess(stalled)
         lines += [f"Counted at their run's median epoch instead of their wall time: {len(stalled)} stalled epoch(s), "
-                  f"over {STALL_FACTOR:g}x the median (the worker was paused meanwhile), {_hours(excess)} in all: "
+                  f"over {STALL_FACTOR:g}x the median (the process was stopped or starved meanwhile), {_hours(excess)} in all: "
                   + ", ".join(f"{e['run']} epoch {e['epoch']} ({e['seconds']:.0f} s; median {e['median_seconds']:.0f} s)"
                               for e in stalled) + ".", ""]
     if cost["final_eval_untimed"]:
-        lines += [f"Also not in it: the final evaluation of {len(cost['final_eval_untimed'])} run(s) trained before it "
-                  f"was timed ({', '.join(cost['final_eval_untimed'])}); their epochs are counted.", ""]
+        lines += [f"Also not in it: the final evaluation of {len(cost['final_eval_untimed'])} run(s) whose summary "
+                  f"does not time it ({', '.join(cost['final_eval_untimed'])}); their epochs are counted.", ""]
     for m in manifests:
         lines += _group_section(m, figures)
     path = figures / "README.md"

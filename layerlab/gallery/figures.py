@@ -1,0 +1,244 @@
+"""The figure groups: each draws one notebook's figures and tables of the CURE and RWP papers.
+
+A figure function takes a call's :class:`~layerlab.gallery.settings.Context`, trains or re-uses the runs it
+needs (:mod:`layerlab.gallery.runs`), computes or re-uses their analyses (:mod:`layerlab.gallery.results`),
+writes its figures (:mod:`layerlab.plots`) and tables into the group's folder and returns ``{name: path}``.
+:data:`DRAW` holds one per :data:`~layerlab.gallery.settings.GROUPS` key; :func:`layerlab.gallery.manifest.make`
+calls them and records what they used.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from layerlab.analysis.curves import write_curves
+from layerlab.analysis.layer_stats import read_layer_stats
+from layerlab.gallery.results import (
+    cka_result,
+    corruption_result,
+    evaluate_as_trained,
+    lsc_result,
+    minpert_attribution_results,
+    tradeoff_table,
+)
+from layerlab.gallery.runs import freeze_runs, method_runs, st_checkpoint, summary, variant_runs
+from layerlab.gallery.settings import ANALYSIS_METHODS, CURE_ABLATION, GROUPS, OVERFIT_METHODS, Context, PathMap
+from layerlab.methods import METHODS
+from layerlab.plots.accuracy import plot_ablation, plot_freeze_study, plot_sweeps, plot_tradeoff
+from layerlab.plots.cka import plot_cka, plot_cka_grid
+from layerlab.plots.curves import plot_curves
+from layerlab.plots.layer_stats import plot_block_gradient_panels, plot_updated_by_phase
+from layerlab.plots.lsc import plot_lsc, plot_removal_rates
+from layerlab.plots.robustness import (
+    plot_attributions,
+    plot_block_attributions,
+    plot_corruption_groups,
+    plot_corruptions,
+    plot_eps_sweep,
+    plot_minpert,
+)
+from layerlab.study import method_run_name
+
+DRAW: dict[str, Callable[[Context], PathMap]] = {}
+
+
+def draws(key: str) -> Callable[[Callable[[Context], PathMap]], Callable[[Context], PathMap]]:
+    """Register the figure function of group ``key`` (which must be a :data:`GROUPS` key)."""
+    def register(fn: Callable[[Context], PathMap]) -> Callable[[Context], PathMap]:
+        if key not in GROUPS:
+            raise KeyError(f"{key!r} is not a figure group")
+        DRAW[key] = fn
+        return fn
+    return register
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.2f")
+    return path
+
+
+@draws("freeze_study")
+def freeze_study(ctx: Context) -> PathMap:
+    """CURE Fig. 2b (re-initialized) and Fig. 11 (fine-tuned): ST, SAT and every U-spec."""
+    out = ctx.group_dir(GROUPS["freeze_study"])
+    rows = []
+    for reinit, panel in ((True, "updated blocks re-initialized (Fig. 2b)"),
+                          (False, "updated blocks fine-tuned (Fig. 11)")):
+        for label, run in freeze_runs(ctx, reinit).items():
+            s = summary(run)
+            rows.append({"panel": panel, "model": label, "spec": s.get("update") or "",
+                         "reinit": reinit if label not in ("ST", "SAT") else "",
+                         "natural_acc": s["natural_acc"], "robust_acc": s["robust_acc"], "nrr": s["nrr"],
+                         "best_epoch": s["best_epoch"], "dir": str(run)})
+    table = pd.DataFrame(rows)
+    return {"table": _write_csv(table, out / "cure_fig2b_fig11_freeze_study.csv"),
+            "figure": plot_freeze_study(table, out / "cure_fig2b_fig11_freeze_study.png")}
+
+
+@draws("cka")
+def cka(ctx: Context) -> PathMap:
+    """CURE Fig. 3 (CKA natural vs adversarial for ST, AT and the U-spec models) and Fig. 12 (CURE)."""
+    out = ctx.group_dir(GROUPS["cka"])
+    for spec in ctx.s.specs:  # CKA of each U-spec model as soon as it is trained (it needs the weights)
+        for run in freeze_runs(ctx, reinit=True, specs=[spec]).values():
+            cka_result(ctx, run)
+    models = freeze_runs(ctx, reinit=True)
+    cure = method_runs(ctx, ["cure"])["cure"]
+    jsons = {label: cka_result(ctx, run) for label, run in models.items()}
+    cure_json = cka_result(ctx, cure)
+    return {"fig3": plot_cka_grid(jsons, out / "cure_fig3_cka.png", "CKA natural vs adversarial (Fig. 3)"),
+            "fig12": plot_cka(cure_json, out / "cure_fig12_cka_cure.png")}
+
+
+@draws("overfitting")
+def overfitting(ctx: Context) -> PathMap:
+    """Robust overfitting: CURE Fig. 4 (U-spec test curves), Fig. 5c and Table 3 (best/last/delta)."""
+    out = ctx.group_dir(GROUPS["overfitting"])
+    models = freeze_runs(ctx, reinit=True)
+    uspec = write_curves([models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")],
+                         out / "fig4_data", plot=False)
+    methods = method_runs(ctx, OVERFIT_METHODS)
+    compare = write_curves(list(methods.values()), out / "fig5c_data", plot=False)
+    table = out / "cure_table3_overfitting.csv"
+    table.write_text(compare["overfitting"].read_text())
+    return {"fig4": plot_curves(uspec["curves"], uspec["overfitting"], out / "cure_fig4_uspec_curves.png"),
+            "fig5c": plot_curves(compare["curves"], compare["overfitting"], out / "cure_fig5c_curves.png"),
+            "table3": table}
+
+
+@draws("tradeoff")
+def tradeoff(ctx: Context) -> PathMap:
+    """CURE Fig. 1 / 5a and a Table-1-style table (natural, PGD-20, CW-inf, AA, NRR)."""
+    out = ctx.group_dir(GROUPS["tradeoff"])
+    table = tradeoff_table(ctx, evaluate_as_trained(ctx, ctx.s.methods, ctx.s.attacks))
+    return {"table1": _write_csv(table, out / "cure_table1_tradeoff.csv"),
+            "fig1": plot_tradeoff(table, out / "cure_fig1_fig5a_tradeoff.png")}
+
+
+@draws("attack_strength")
+def attack_strength(ctx: Context) -> PathMap:
+    """CURE Fig. 5b: PGD-20 accuracy against the attack's eps, one line per method."""
+    out = ctx.group_dir(GROUPS["attack_strength"])
+    run_dirs = evaluate_as_trained(ctx, ctx.s.methods, ["natural", "eps-sweep"])
+    return {"fig5b": plot_eps_sweep({r.name: r / "eval.json" for r in run_dirs.values()},
+                                    out / "cure_fig5b_eps_sweep.png")}
+
+
+@draws("gradients")
+def gradients(ctx: Context) -> PathMap:
+    """CURE Fig. 6a (gradient per block over training), 6b and 10 (weights updated per layer and phase), from
+    each run's layer_stats.jsonl."""
+    out = ctx.group_dir(GROUPS["gradients"])
+    run_dirs = method_runs(ctx, ["at", "trades", "cure"])
+    stats = {name: read_layer_stats(run) for name, run in run_dirs.items()}
+    paths = {"fig6a": plot_block_gradient_panels({run_dirs[k].name: stats[k] for k in ("at", "cure")},
+                                                  out / "cure_fig6a_grads_per_block.png"),
+             "fig6b": plot_updated_by_phase(stats["cure"], out / "cure_fig6b_updated_cure.png")}
+    for name in ("at", "trades"):
+        paths[f"fig10_{name}"] = plot_updated_by_phase(stats[name], out / f"cure_fig10_updated_{name}.png")
+    return paths
+
+
+@draws("corruptions")
+def corruptions(ctx: Context) -> PathMap:
+    """CURE Fig. 7 (mean accuracy per corruption group and severity) and Fig. 9 (every corruption)."""
+    out = ctx.group_dir(GROUPS["corruptions"])
+    csvs = {}
+    for method in ANALYSIS_METHODS:  # each analysed before the next trains (the analysis needs the weights)
+        run = method_runs(ctx, [method])[method]
+        csvs[run.name] = corruption_result(ctx, run)
+    paths = {"fig7": plot_corruption_groups(csvs, out / "cure_fig7_corruption_groups.png")}
+    for name, csv in csvs.items():
+        paths[f"fig9_{name}"] = plot_corruptions(csv, out / f"cure_fig9_corruptions_{name}.png", title=name)
+    return paths
+
+
+@draws("minpert_attributions")
+def minpert_attributions(ctx: Context) -> PathMap:
+    """CURE Fig. 8: minimum L-inf perturbations and captum attributions of ST, AT and CURE."""
+    out = ctx.group_dir(GROUPS["minpert_attributions"])
+    found = minpert_attribution_results(ctx, list(method_runs(ctx, ANALYSIS_METHODS).values()))
+    return {"fig8_minpert": plot_minpert(found["minpert"], out / "cure_fig8_minpert.png"),
+            "fig8_attributions": plot_attributions(found["attributions"], out / "cure_fig8_attributions.png"),
+            "fig8_blocks": plot_block_attributions(found["attributions"], out / "cure_fig8_block_attributions.png")}
+
+
+@draws("lsc")
+def lsc(ctx: Context) -> PathMap:
+    """RWP Fig. 2 (loss landscapes per LSC group across checkpoints) and Fig. 1b (removal rate)."""
+    out = ctx.group_dir(GROUPS["lsc"])
+    results = {}
+    for method in ("at", "rwp"):  # each analysed before the next trains (LSC needs the per-epoch weights)
+        run = method_runs(ctx, [method])[method]
+        results[run.name] = lsc_result(ctx, run)
+    paths = {f"fig2_{name}": plot_lsc(r["lsc"], out / f"rwp_fig2_lsc_{name}.png") for name, r in results.items()}
+    paths["fig1b"] = plot_removal_rates({n: r["removal_rate"] for n, r in results.items()},
+                                        out / "rwp_fig1b_removal_rate.png")
+    return paths
+
+
+def default_arg(method: str, name: str) -> Any:
+    """A method factory's default hyper-parameter value."""
+    return inspect.signature(METHODS[method][0]).parameters[name].default
+
+
+@draws("rwp_ablations")
+def rwp_ablations(ctx: Context) -> PathMap:
+    """RWP Fig. 1a/1c (AT vs AWP vs RWP curves) and Fig. 3 (c_min and K2 sweeps)."""
+    out = ctx.group_dir(GROUPS["rwp_ablations"])
+    base = method_runs(ctx, ["at", "awp", "rwp"])
+    curves = write_curves(list(base.values()), out / "fig1_data", plot=False)
+    sweeps = {"c_min": ctx.s.rwp_cmins, "steps": ctx.s.rwp_steps}
+    short = {"c_min": "cmin", "steps": "k"}
+    rows = []
+    for param, values in sweeps.items():
+        default = default_arg("rwp", param)
+        names = {v: f"{method_run_name('rwp')}-{short[param]}{v:g}" for v in values}
+        found = variant_runs(ctx, "rwp", {names[v]: {param: v} for v in values if v != default})
+        for v in values:
+            run = base["rwp"] if v == default else found[names[v]]
+            s = summary(run)
+            rows.append({"param": param, "value": v, "run": run.name, "natural_acc": s["natural_acc"],
+                         "robust_acc": s["robust_acc"], "nrr": s["nrr"]})
+    table = pd.DataFrame(rows)
+    refs = {name.upper(): summary(base[name]) for name in ("at", "awp")}
+    return {"fig1a": plot_curves(curves["curves"], curves["overfitting"], out / "rwp_fig1a_curves.png"),
+            "table": _write_csv(table, out / "rwp_fig3_sweeps.csv"),
+            "fig3": plot_sweeps(table, refs, out / "rwp_fig3_sweeps.png")}
+
+
+@draws("cure_ablation")
+def cure_ablation(ctx: Context) -> PathMap:
+    """CURE Table 7: RGP on/off x revision on/off (``p=0`` turns RGP off, ``gamma=0`` revision)."""
+    out = ctx.group_dir(GROUPS["cure_ablation"])
+    full = method_runs(ctx, ["st", "cure"])["cure"]
+    name = method_run_name("cure")
+    variants = {name + suffix: args for suffix, (_, _, args) in CURE_ABLATION.items() if suffix}
+    found = {**variant_runs(ctx, "cure", variants, init=st_checkpoint(ctx)), full.name: full}
+    rows = []
+    for suffix, (rgp, revision, args) in CURE_ABLATION.items():
+        s = summary(found[name + suffix])
+        rows.append({"run": name + suffix, "rgp": rgp, "revision": revision, "args": str(args),
+                     "natural_acc": s["natural_acc"], "robust_acc": s["robust_acc"], "nrr": s["nrr"]})
+    table = pd.DataFrame(rows)
+    return {"table7": _write_csv(table, out / "cure_table7_ablation.csv"),
+            "figure": plot_ablation(table, out / "cure_table7_ablation.png")}
+
+
+@draws("explorer")
+def explorer(ctx: Context) -> PathMap:
+    """Make sure the explorer has runs to show (ST, AT, CURE, with the CKA and LSC results of the two it selects,
+    so no panel of the snapshot is empty) and save a snapshot of its panels."""
+    from layerlab.explore import Explorer  # ipywidgets: an optional dependency (layerlab[notebooks])
+
+    out = ctx.group_dir(GROUPS["explorer"])
+    found = method_runs(ctx, ["st", "at", "cure"])
+    for method in ("at", "cure"):
+        cka_result(ctx, found[method])
+        lsc_result(ctx, found[method])
+    return Explorer(ctx.root, select=[found["at"].name, found["cure"].name]).save(out)

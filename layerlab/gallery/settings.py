@@ -1,0 +1,183 @@
+"""What the gallery makes and how big: the figure groups, the figure settings per profile, one call's context.
+
+Each :class:`FigureGroup` record is the only home of a group's names: its key (``layerlab reproduce --only``),
+number, folder under the figures directory, notebook and title. :data:`SETTINGS` sizes each group's runs and
+analyses under a profile; the training config itself is the profile's (:func:`layerlab.config.make_config`), so
+``layerlab train``, ``compare``, ``freeze-study`` and ``reproduce`` with one profile share their runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerlab.config import ST_EPOCHS, TrainConfig, make_config
+from layerlab.layerwise import paper_specs
+from layerlab.methods.perturbation import C_MIN
+
+PathMap = dict[str, Path]
+RUN_ROOT = "runs/reproduce"  # the notebooks' and `layerlab reproduce`'s default run root (git ignores runs/)
+FIGURES_DIR = "runs/figures"
+
+# The robust-overfitting comparison (CURE Fig. 5c, Table 3).
+OVERFIT_METHODS = ("at", "trades", "awp", "rwp", "cure")
+# Models whose robustness is compared beyond accuracy (corruptions, minimum perturbation, attributions).
+ANALYSIS_METHODS = ("st", "at", "cure")
+# CURE Table 7: run-name suffix -> (RGP on, revision on, CURE arguments). "" is the comparison's CURE/ run.
+CURE_ABLATION = {
+    "-p0-gamma0": (False, False, {"p": 0, "gamma": 0}),
+    "-gamma0": (True, False, {"gamma": 0}),
+    "-p0": (False, True, {"p": 0}),
+    "": (True, True, {}),
+}
+
+
+@dataclass(frozen=True)
+class FigureGroup:
+    """One figure group: what ``--only`` calls it, its number, notebook and title (its folder follows)."""
+
+    key: str
+    number: int
+    notebook: str
+    title: str
+
+    @property
+    def folder(self) -> str:
+        """The group's directory under the figures directory (``04_tradeoff``)."""
+        return f"{self.number:02d}_{self.key}"
+
+
+# In notebook order: later groups re-use earlier groups' runs.
+GROUPS: dict[str, FigureGroup] = {g.key: g for g in (
+    FigureGroup("freeze_study", 1, "01_freeze_study.ipynb", "Layer-wise freeze study (CURE Fig. 2b, 11)"),
+    FigureGroup("cka", 2, "02_representation_similarity.ipynb", "CKA natural vs adversarial (CURE Fig. 3, 12)"),
+    FigureGroup("overfitting", 3, "03_robust_overfitting.ipynb", "Robust overfitting (CURE Fig. 4, 5c, Table 3)"),
+    FigureGroup("tradeoff", 4, "04_tradeoff.ipynb", "Natural-robust trade-off (CURE Fig. 1, 5a, Table 1)"),
+    FigureGroup("attack_strength", 5, "05_attack_strength.ipynb", "Accuracy against the attack's eps (CURE Fig. 5b)"),
+    FigureGroup("gradients", 6, "06_gradient_analysis.ipynb", "Gradients and updated weights (CURE Fig. 6, 10)"),
+    FigureGroup("corruptions", 7, "07_natural_corruptions.ipynb", "Natural corruptions (CURE Fig. 7, 9)"),
+    FigureGroup("minpert_attributions", 8, "08_minimum_perturbation_attributions.ipynb",
+                "Minimum perturbations and attributions (CURE Fig. 8)"),
+    FigureGroup("lsc", 9, "09_lsc_landscapes.ipynb", "LSC loss landscapes and removal rate (RWP Fig. 1b, 2)"),
+    FigureGroup("rwp_ablations", 10, "10_rwp_ablations.ipynb", "RWP curves and c_min / K2 sweeps (RWP Fig. 1, 3)"),
+    FigureGroup("cure_ablation", 11, "11_cure_ablation.ipynb", "CURE ablation (CURE Table 7)"),
+    FigureGroup("explorer", 12, "12_interactive_explorer.ipynb", "The interactive explorer"),
+)}
+
+
+def group_of(name: str) -> FigureGroup:
+    """The group named by its key or its folder (``tradeoff`` or ``04_tradeoff``); unknown names list the keys."""
+    for g in GROUPS.values():
+        if name in (g.key, g.folder):
+            return g
+    raise ValueError(f"unknown figure group {name!r}; choose from {', '.join(GROUPS)}")
+
+
+@dataclass(frozen=True)
+class FigureSettings:
+    """How big each figure's runs and analyses are under one profile."""
+
+    st_epochs: int = 4
+    specs: tuple[str, ...] = ()  # freeze study, re-initialized updated blocks (CURE Fig. 2b)
+    noreinit_specs: tuple[str, ...] = ()  # freeze study, fine-tuned updated blocks (CURE Fig. 11)
+    methods: tuple[str, ...] = ("at", "trades", "awp", "rwp", "cure")  # trade-off table (CURE Table 1)
+    eval_n: int | None = 50  # test images of the attack suite (None = the whole test split)
+    attacks: tuple[str, ...] = ("natural", "pgd20", "cw20")
+    sweep_255: tuple[float, ...] = (1, 2, 4, 8)
+    cka_n: int = 64
+    cka_batch: int = 32
+    corruption_n: int | None = 50
+    corruption_severities: tuple[int, ...] = (1, 3, 5)
+    minpert_n: int = 4
+    minpert_iters: int = 6
+    minpert_steps: int = 10
+    fmn_steps: int = 20
+    attr_n: int = 4
+    ig_steps: int = 8
+    layer_steps: int = 4
+    lsc_n: int = 100
+    lsc_points: int = 9
+    lsc_directions: int = 2
+    lsc_panels: int = 2  # checkpoints whose landscapes are drawn
+    rwp_cmins: tuple[float, ...] = (1.0, C_MIN)
+    rwp_steps: tuple[int, ...] = (1, 10)
+    progress: bool = False  # progress bars by default
+
+
+_FULL_ATTACKS = ("natural", "pgd20", "cw100", "aa")
+_RWP_CMINS = (1.0, 1.4, C_MIN, 2.0, 2.3)
+_RWP_STEPS = (1, 3, 5, 10)
+_SMALL = dict(specs=("1", "23"), noreinit_specs=("23",))
+_FULL = dict(progress=True, specs=tuple(paper_specs(4)), noreinit_specs=tuple(paper_specs(4)),
+             methods=("at", "trades", "mart", "awp", "rwp", "cure"), attacks=_FULL_ATTACKS,
+             sweep_255=(0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8), cka_batch=100, corruption_severities=(1, 2, 3, 4, 5),
+             minpert_n=8, minpert_iters=12, minpert_steps=50, fmn_steps=100, attr_n=6, ig_steps=32, layer_steps=16,
+             lsc_n=1000, lsc_points=21, lsc_directions=3, rwp_cmins=_RWP_CMINS, rwp_steps=_RWP_STEPS)
+
+# Keyed by profile name (config.PROFILES): the gallery trains exactly the profile's config.
+SETTINGS: dict[str, FigureSettings] = {
+    # A subset of the freeze study's specs, two sweep values and no AutoAttack (about 66 s per model even at
+    # this size): at ``tiny`` a notebook runs in about a minute on two CPU cores.
+    "tiny": FigureSettings(st_epochs=ST_EPOCHS["tiny"], **_SMALL),
+    "smoke": FigureSettings(st_epochs=ST_EPOCHS["smoke"], **_SMALL),
+    # Every spec, attack and sweep value; hours on a CPU.
+    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=500, cka_n=500, corruption_n=500, lsc_panels=3, **_FULL),
+    # The papers' settings (the whole test split); GPU days.
+    "paper": FigureSettings(st_epochs=ST_EPOCHS["paper"], eval_n=None, cka_n=1000, corruption_n=None, lsc_panels=4,
+                            **_FULL),
+}
+
+
+def settings(profile: str) -> FigureSettings:
+    """The figure settings of ``profile``; unknown names list the valid ones."""
+    if profile not in SETTINGS:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(SETTINGS)}")
+    return SETTINGS[profile]
+
+
+def base_config(profile: str, data_dir: str | None = None) -> TrainConfig:
+    """The training config every figure's runs share: the profile's own."""
+    settings(profile)
+    return make_config(profile, data_dir=data_dir)
+
+
+@dataclass
+class Context:
+    """One figure call: profile, settings, resolved directories and the shared training config; it collects
+    the runs the call reads and the multi-run result files it draws from, for the group's manifest."""
+
+    profile: str
+    root: Path
+    figures: Path
+    data_dir: str | None
+    progress: bool
+    s: FigureSettings
+    cfg: TrainConfig
+    started: float = field(default_factory=time.time)
+    used: dict[str, Path] = field(default_factory=dict)  # run name -> run directory
+    sources: list[Path] = field(default_factory=list)  # result files of several runs (RUN_ROOT/analysis/...)
+
+    def group_dir(self, group: FigureGroup) -> Path:
+        """The figure group's output directory (created)."""
+        path = self.figures / group.folder
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def use(self, found: PathMap) -> PathMap:
+        """Note runs this call reads (returns ``found`` unchanged)."""
+        self.used.update({Path(p).name: Path(p) for p in found.values()})
+        return found
+
+
+def context(profile: str, run_root: str | Path, figures_dir: str | Path, data_dir: str | None = None,
+            progress: bool | None = None) -> Context:
+    """Resolve a figure call's arguments (``progress`` defaults to the profile's figure settings)."""
+    root = Path(run_root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    figures = Path(figures_dir).expanduser().resolve()
+    figures.mkdir(parents=True, exist_ok=True)
+    data = None if data_dir in (None, "") else str(data_dir)
+    s = settings(profile)
+    return Context(profile, root, figures, data, s.progress if progress is None else bool(progress), s,
+                   base_config(profile, data))
