@@ -276,7 +276,8 @@ class Result:
 
     @property
     def status(self) -> str:
-        """``error``, ``skipped``, ``missed`` (a target missed), ``undecided`` (none missed, one undecided) or ``ok``."""
+        """``error``, ``skipped``, ``missed`` (a target missed), ``undecided`` (none missed, one undecided) or
+        ``ok``."""
         if self.error:
             return "error"
         if self.skipped:
@@ -287,7 +288,8 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "status": self.status, "table": self.table,
                 "more_tables": self.more_tables,
-                "ratios": self.ratios, "intervals": self.intervals, "figures": self.figures, "targets": [t.to_json() for t in self.targets],
+                "ratios": self.ratios, "intervals": self.intervals, "figures": self.figures,
+                "targets": [t.to_json() for t in self.targets],
                 "notes": self.notes, "skipped": self.skipped, "error": self.error,
                 "seconds": round(self.seconds, 2)}
 
