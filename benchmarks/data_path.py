@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from benchmarks.common import Context, Result, decide, interleave
-from benchmarks.stats import ratio_of_medians
+from benchmarks.stats import mean_ratio
 from layerlab.data import load_splits, resolve_data_dir, train_batches
 
 NAME = "data_path"
@@ -102,7 +102,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
     rate = {c: images[c] / samples.median(c) for c in candidates}
     table = [{"candidate": c, **samples.stats(c), "images": images[c], "images_per_s": rate[c]} for c in candidates]
     target = decide("layerlab/torchvision images per s", samples.seconds,
-                    ratio_of_medians("torchvision", "layerlab", scale=images["layerlab"] / images["torchvision"]),
+                    mean_ratio("torchvision", "layerlab", scale=images["layerlab"] / images["torchvision"]),
                     ">=", 2.0)
     return Result(
         NAME, TITLE, table=table, ratios={target.name: target.value},

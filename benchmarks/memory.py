@@ -34,7 +34,7 @@ from benchmarks.common import (
     worker_main,
 )
 from benchmarks.method_cost import make_batch, make_model
-from benchmarks.stats import ratio_of_medians
+from benchmarks.stats import mean_ratio
 
 NAME = "memory"
 TITLE = "memory: CURE step vs TRADES step peak"
@@ -119,7 +119,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
               "peak_reset": all(o["peak_reset"] for o in outs[m]),
               **({"step_peak_live_tensors_mib": tensors[m] / MB} if tensors else {})} for m in METHODS]
     peaks = {m: [max(1, o["step_peak_bytes"]) for o in outs[m]] for m in METHODS}  # round r of each, paired
-    target = decide("cure/trades step peak", peaks, ratio_of_medians("cure", "trades"), "<=", 1.5)
+    target = decide("cure/trades step peak", peaks, mean_ratio("cure", "trades"), "<=", 1.5)
     ratio = target.value
     with_state = ((med["cure"]["state_bytes"] + med["cure"]["step_peak_bytes"])
                   / max(1, med["trades"]["state_bytes"] + med["trades"]["step_peak_bytes"]))

@@ -28,7 +28,6 @@ import math
 import statistics
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,9 +109,8 @@ def one_step(model0: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 
 
 def rwp_excess(candidate: str) -> stats.Statistic:
-    """RWP's cost above AWP in one-steps: (median(candidate) - median(at-awp)) / median(one-step)."""
-    return lambda s: ((np.median(s[candidate], axis=-1) - np.median(s["at-awp"], axis=-1))
-                      / np.median(s["one-step"], axis=-1))
+    """RWP's cost above AWP in one-steps, per round: (candidate - at-awp) / one-step, averaged."""
+    return stats.per_round_mean(lambda s: (s[candidate] - s["at-awp"]) / s["one-step"])
 
 
 def rwp_limit(iterations: float) -> float:
@@ -127,11 +125,11 @@ def rwp_name(candidate: str) -> str:
 # Every reported time statistic; the targets' come first. Applied to the FLOP counts (one "round" per
 # candidate) the same statistic gives its exact FLOP value.
 STATISTICS: dict[str, stats.Statistic] = {
-    "cure/trades": stats.ratio_of_medians("cure", "trades"),
-    "at-awp/at": stats.ratio_of_medians("at-awp", "at"),
+    "cure/trades": stats.mean_ratio("cure", "trades"),
+    "at-awp/at": stats.mean_ratio("at-awp", "at"),
     rwp_name("at-rwp"): rwp_excess("at-rwp"),
     rwp_name("at-rwp-all"): rwp_excess("at-rwp-all"),
-    **{f"{a}/{b}": stats.ratio_of_medians(a, b) for a, b in (
+    **{f"{a}/{b}": stats.mean_ratio(a, b) for a, b in (
         ("trades", "at"), ("mart", "at"), ("cure", "at"), ("at-rwp", "at-awp"), ("at-rwp-all", "at-awp"),
         ("st", "at"), ("one-step", "at"))},
 }
@@ -217,7 +215,8 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
             intervals[name] = interval(main["rounds"], statistic)
     notes = [f"targets on resnet18 width {s.cost_width}, batch {s.cost_batch}, PGD-{s.pgd_steps} (eps 8/255, "
              f"step 2/255), random batch, device {ctx.device}, {s.warmup} warm-up (the first one counts FLOPs) + "
-             f"{s.rounds} timed interleaved rounds; ratios of medians with 95 % paired-bootstrap intervals",
+             f"{s.rounds} timed interleaved rounds; ratios: means of the per-round ratios with 95 % paired-bootstrap "
+             f"intervals (the table's vs_* columns: ratios of medians)",
              f"measured / FLOP ratio: the time statistic over the same statistic of the FlopCounterMode counts "
              f"(convolutions and matrix products) of one call per candidate; <= {FLOP_LIMIT} at "
              f"{size_label(*mini_size)}",

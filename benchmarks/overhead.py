@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import Context, Result, decide, interleave
 from benchmarks.method_cost import CIFAR_MEAN, CIFAR_STD
-from benchmarks.stats import ratio_of_medians
+from benchmarks.stats import mean_ratio
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits, augment
 from layerlab.train import Callback, build_run_model, setup, train_epoch
@@ -122,7 +122,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
         candidates = {"layerlab": layerlab_epoch(cfg, splits, Path(tmp)), "bare": bare_epoch(cfg, splits)}
         samples = interleave(candidates, s.rounds, s.warmup, ctx.device, log)
     table = [{"candidate": c, **samples.stats(c), "images_per_s": n / samples.median(c)} for c in candidates]
-    target = decide("layerlab/bare images per s", samples.seconds, ratio_of_medians("bare", "layerlab"), ">=", 0.95)
+    target = decide("layerlab/bare images per s", samples.seconds, mean_ratio("bare", "layerlab"), ">=", 0.95)
     return Result(
         NAME, TITLE, table=table, ratios={target.name: target.value}, targets=[target],
         notes=[f"resnet18 width {s.width}, batch {s.batch}, PGD-{s.pgd_steps}, epochs of {n} synthetic in-memory "

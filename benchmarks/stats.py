@@ -2,10 +2,11 @@
 
 Every timed comparison runs its candidates once per round (:func:`benchmarks.common.interleave`), so the
 rounds pair the candidates: round ``r`` of every candidate ran under the same load. A target's value is a
-*statistic* of those rounds (e.g. the ratio of two candidates' medians), and its 95 % interval is the
-percentile bootstrap of that statistic: the rounds are resampled with replacement, every candidate by the
-same round indices (pairs stay together), 2,000 times with a fixed seed, so the same timings always give
-the same interval.
+*statistic* of those rounds, as a rule the mean over the rounds of the per-round ratio ``a_r / b_r``
+(:func:`mean_ratio`: a load change within a round hits both candidates and cancels in the ratio), and
+its 95 % interval is the percentile bootstrap of that statistic: the rounds are resampled with
+replacement, every candidate by the same round indices (pairs stay together), 2,000 times with a fixed
+seed, so the same timings always give the same interval.
 
 The verdict compares the whole interval with the limit: **met** when it lies within the limit, **missed**
 when it lies wholly outside, **undecided** when it straddles the limit (the rounds cannot tell; more
@@ -32,14 +33,14 @@ VERDICTS = ("met", "missed", "undecided")
 Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
-def median_of(name: str) -> Statistic:
-    """The median of one candidate's rounds."""
-    return lambda s: np.median(s[name], axis=-1)
+def per_round_mean(per_round: Callable[[Mapping[str, np.ndarray]], np.ndarray]) -> Statistic:
+    """The mean over the rounds of ``per_round(rounds)``, a value per round computed from that round alone."""
+    return lambda s: np.mean(per_round(s), axis=-1)
 
 
-def ratio_of_medians(num: str, den: str, scale: float = 1.0) -> Statistic:
-    """``scale * median(num) / median(den)``: the estimator of every "A / B" time ratio."""
-    return lambda s: scale * np.median(s[num], axis=-1) / np.median(s[den], axis=-1)
+def mean_ratio(num: str, den: str, scale: float = 1.0) -> Statistic:
+    """``scale * mean_r(num_r / den_r)``: the estimator of every "A / B" ratio of paired rounds."""
+    return per_round_mean(lambda s: scale * s[num] / s[den])
 
 
 def _arrays(rounds: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
