@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from layerlab.analysis.layer_stats import GradStats
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits
 from layerlab.methods import AttackSettings, StepContext, base, build_method
@@ -159,13 +160,15 @@ def _splits(n: int = 24) -> Splits:
 
 
 @pytest.mark.parametrize("method", ["at", "cure", "rwp"])
-def test_the_trainer_reads_once_per_step(method, monkeypatch, device_path):
-    """The whole epoch loop (batches, augmentation, step, logging): exactly one read per step, the loss and
-    accuracy together."""
+def test_the_trainer_reads_once_per_step(method, monkeypatch, device_path, tmp_path):
+    """The whole epoch loop (batches, augmentation, step, the default gradient-statistics callback, logging):
+    exactly one read per step, the loss and accuracy together."""
     cfg = TrainConfig(method=method, model="resnet18", width=0.0625, dataset="synthetic", batch_size=8,
-                      attack_steps=1, epochs=1, device="cpu", seed=0, grad_stats=False)
+                      attack_steps=1, epochs=1, device="cpu", seed=0)
     s = setup(cfg, _splits())
+    callbacks = [GradStats()]
+    callbacks[0].on_train_start(s.model, s.method, tmp_path, cfg, 0)
     with count_host_reads(monkeypatch) as counts:
-        stats = train_epoch(s, 0, progress=False)
+        stats = train_epoch(s, 0, callbacks, progress=False)
     assert counts == {"tolist": 3}, dict(counts)  # 24 images in batches of 8
     assert math.isfinite(stats["train_loss"]) and 0 <= stats["train_acc"] <= 100
