@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
 from typing import Iterator
 
@@ -19,13 +18,14 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.method_cost import make_batch, make_model
 from layerlab.analysis.layer_stats import GradStats
 from layerlab.config import TrainConfig
 from layerlab.data import ImageSet, Splits
 from layerlab.methods import AttackSettings, StepContext, base, build_method
-from layerlab.models import build_model
 from layerlab.train import setup, train_epoch
 
+CPU = torch.device("cpu")
 READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero",
          "masked_select")
 
@@ -65,16 +65,6 @@ def device_path(monkeypatch):
     monkeypatch.setattr(base, "HOST_READ_DEVICES", frozenset())
 
 
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model("resnet18", num_classes=10, width=0.0625)
-
-
-def _batch(n: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
 # CURE with r = 0.5 revises on some steps and not on others; RWP's c_min values: none qualifies at once
 # (the default 1.7 on a random model), some qualify and the selection shrinks, all qualify (inf).
 METHODS = {"at": ("at", {}), "cure": ("cure", {"r": 0.5, "r_decay": "none"}), "awp": ("awp", {}),
@@ -85,11 +75,11 @@ METHODS = {"at": ("at", {}), "cure": ("cure", {"r": 0.5, "r_decay": "none"}), "a
 def _steps(name: str, steps: int, monkeypatch, reads: bool = True):
     """``steps`` train_steps of method ``name`` on a fresh tiny model: (model, method, host reads)."""
     method_name, args = METHODS[name]
-    model = _model()
+    model = make_model(0.0625, 0, CPU)
     method = build_method(method_name, args)
     method.setup(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x, y = _batch()
+    x, y = make_batch(12, 1, CPU)
     generator = torch.Generator().manual_seed(3)
     counts: collections.Counter = collections.Counter()
     for i in range(steps):
