@@ -4,6 +4,7 @@ Every timed comparison runs its candidates side by side in one process, interlea
 (A, B, C, then C, B, A, ...) after warm-up rounds, and reports medians, so that a load change on a
 shared machine hits all candidates alike. Memory comparisons run each candidate in a fresh
 subprocess (:func:`run_worker`) so one candidate's allocations cannot hide another's peak.
+Targets are decided from the paired rounds by :mod:`benchmarks.stats` (:func:`decide`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from benchmarks import stats
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,18 @@ def interleave(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: in
     return out
 
 
+def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of one call of ``fn`` and the count per operator (``torch.utils.flop_counter``: convolutions
+    and matrix products, counted exactly from their shapes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_op = {str(op).split(".")[-1] if "." in str(op) else str(op): int(v)
+              for op, v in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), per_op
+
+
 # ---------------------------------------------------------------------------
 # targets and results
 # ---------------------------------------------------------------------------
@@ -198,25 +213,48 @@ def interleave(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: in
 
 @dataclass
 class Target:
-    """A pass/fail criterion ``value <op> limit`` (``op`` is ``<=`` or ``>=``)."""
+    """A criterion ``value <op> limit`` (``op`` is ``<=`` or ``>=``) with the value's bootstrap interval
+    ``[low, high]`` over ``rounds`` paired rounds (no interval: a counted quantity, decided by its value);
+    see :mod:`benchmarks.stats` for the verdict."""
 
     name: str
     value: float
     op: str
     limit: float
     note: str = ""
+    low: float | None = None
+    high: float | None = None
+    rounds: int | None = None
+
+    @property
+    def verdict(self) -> str:
+        """``met``, ``missed`` or ``undecided`` (the interval straddles the limit)."""
+        return stats.verdict(self.value, self.op, self.limit, self.low, self.high, self.rounds)
 
     @property
     def met(self) -> bool:
-        if self.op == "<=":
-            return self.value <= self.limit
-        if self.op == ">=":
-            return self.value >= self.limit
-        raise ValueError(f"unknown comparison {self.op!r}; use '<=' or '>='")
+        return self.verdict == "met"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "op": self.op, "limit": self.limit, "met": self.met,
+        return {"name": self.name, "value": self.value, "op": self.op, "limit": self.limit, "low": self.low,
+                "high": self.high, "rounds": self.rounds, "verdict": self.verdict, "met": self.met,
                 "note": self.note}
+
+
+def decide(name: str, rounds: dict[str, list[float]], statistic: stats.Statistic, op: str, limit: float,
+           note: str = "") -> Target:
+    """The target ``statistic(rounds) <op> limit`` with its paired-bootstrap interval (none below two rounds)."""
+    n = len(next(iter(rounds.values())))
+    value = stats.point(rounds, statistic)
+    low, high = stats.bootstrap_interval(rounds, statistic) if n >= stats.MIN_ROUNDS else (None, None)
+    return Target(name, value, op, limit, note, low, high, n)
+
+
+def interval(rounds: dict[str, list[float]], statistic: stats.Statistic) -> list[float] | None:
+    """``[low, high]`` of a reported (target-less) statistic, or None below two rounds."""
+    if len(next(iter(rounds.values()))) < stats.MIN_ROUNDS:
+        return None
+    return list(stats.bootstrap_interval(rounds, statistic))
 
 
 @dataclass
@@ -228,6 +266,7 @@ class Result:
     table: list[dict[str, Any]] = field(default_factory=list)  # one row per candidate (absolute numbers)
     more_tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # title -> rows
     ratios: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # ratio name -> bootstrap [low, high]
     figures: dict[str, Any] = field(default_factory=dict)  # other absolute numbers
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -237,17 +276,20 @@ class Result:
 
     @property
     def status(self) -> str:
-        """``error``, ``skipped``, ``missed`` (a target missed) or ``ok``."""
+        """``error``, ``skipped``, ``missed`` (a target missed), ``undecided`` (none missed, one undecided) or
+        ``ok``."""
         if self.error:
             return "error"
         if self.skipped:
             return "skipped"
-        return "missed" if any(not t.met for t in self.targets) else "ok"
+        verdicts = {t.verdict for t in self.targets}
+        return "missed" if "missed" in verdicts else "undecided" if "undecided" in verdicts else "ok"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "status": self.status, "table": self.table,
                 "more_tables": self.more_tables,
-                "ratios": self.ratios, "figures": self.figures, "targets": [t.to_json() for t in self.targets],
+                "ratios": self.ratios, "intervals": self.intervals, "figures": self.figures,
+                "targets": [t.to_json() for t in self.targets],
                 "notes": self.notes, "skipped": self.skipped, "error": self.error,
                 "seconds": round(self.seconds, 2)}
 
@@ -264,6 +306,21 @@ def fmt(value: Any) -> str:
             return f"{value:.4g}"
         return f"{value:.3e}"
     return str(value)
+
+
+def fmt_interval(low: float | list[float] | None, high: float | None = None) -> str:
+    """`` [low, high]`` (95 % bootstrap interval), or nothing when there is none."""
+    if isinstance(low, list):
+        low, high = low
+    return "" if low is None or high is None else f" [{fmt(low)}, {fmt(high)}]"
+
+
+def verdict_text(t: Target) -> str:
+    """``MET``, ``MISSED`` or ``UNDECIDED`` with the reason an undecided target is undecided."""
+    if t.verdict != "undecided":
+        return t.verdict.upper()
+    return "UNDECIDED " + ("(the interval straddles the limit)" if t.low is not None
+                           else f"({t.rounds} round: no interval)")
 
 
 def render_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -290,12 +347,12 @@ def render(result: Result) -> str:
     for title, rows in result.more_tables.items():
         out += [f"   {title}:"] + ["   " + line for line in render_table(rows)]
     for key, value in result.ratios.items():
-        out.append(f"   ratio {key}: {fmt(value)}")
+        out.append(f"   ratio {key}: {fmt(value)}" + fmt_interval(result.intervals.get(key)))
     for key, value in result.figures.items():
         out.append(f"   {key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else fmt(value)}")
     for t in result.targets:
-        out.append(f"   target {t.name}: {fmt(t.value)} {t.op} {fmt(t.limit)} -> {'MET' if t.met else 'MISSED'}"
-                   + (f" ({t.note})" if t.note else ""))
+        out.append(f"   target {t.name}: {fmt(t.value)}{fmt_interval(t.low, t.high)} {t.op} {fmt(t.limit)} -> "
+                   f"{verdict_text(t)}" + (f" ({t.note})" if t.note else ""))
     out += [f"   note: {n}" for n in result.notes]
     return "\n".join(out)
 

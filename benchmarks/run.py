@@ -4,8 +4,11 @@
     python -m benchmarks.run --quick           # smaller sizes, under 2 minutes
     python -m benchmarks.run --only method_cost --only memory --device auto --threads 2
 
-Prints each benchmark's absolute numbers, its side-by-side ratios and its targets, writes a JSON
-result file under ``benchmarks/results/`` and exits 1 when a target is missed (2 on an error).
+Prints each benchmark's absolute numbers, its side-by-side ratios and its targets, each target with
+its 95 % bootstrap interval over the paired rounds and its verdict (met, missed, or undecided when the
+interval straddles the limit; :mod:`benchmarks.stats`), writes a JSON result file under
+``benchmarks/results/`` and exits 1 when a target is missed (2 on an error). Undecided targets do not
+fail the run; they are listed in the summary.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import PROFILES, Context, Result, available_cores, machine_info, render, set_threads
+from benchmarks.common import (PROFILES, Context, Result, available_cores, fmt, fmt_interval, machine_info, render,
+                               set_threads)
 
 BENCHMARKS: dict[str, str] = {
     "method_cost": "benchmarks.method_cost",
@@ -63,7 +67,8 @@ def run_benchmarks(names: Sequence[str], ctx: Context, verbose: bool = True) -> 
 
 
 def exit_code(results: Sequence[Result]) -> int:
-    """2 when a benchmark crashed, 1 when a target was missed, else 0 (skipped benchmarks pass)."""
+    """2 when a benchmark crashed, 1 when a target was missed, else 0 (skipped benchmarks and undecided
+    targets pass: the summary lists the undecided ones)."""
     statuses = {r.status for r in results}
     return 2 if "error" in statuses else 1 if "missed" in statuses else 0
 
@@ -113,8 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = exit_code(results)
     print("\nsummary:")
     for r in results:
-        missed = [t.name for t in r.targets if not t.met]
-        print(f"  {r.name:12s} {r.status:8s}" + (f" missed: {', '.join(missed)}" if missed else ""))
+        print(f"  {r.name:12s} {r.status}")
+        for t in r.targets:
+            if t.verdict != "met":
+                print(f"    {t.verdict.upper()}: {t.name} {fmt(t.value)}{fmt_interval(t.low, t.high)} {t.op} "
+                      f"{fmt(t.limit)}")
     if not args.no_write:
         out = args.out or default_output(profile, names)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -212,8 +212,10 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
             out = s.method.train_step(s.model if s.step_model is None else s.step_model, x, y, s.optimizer, ctx)
         for cb in callbacks:
             cb.after_step(s.model)
-        loss = float(out.loss.detach())
-        hits, n = int((out.logits.detach().argmax(1) == y).sum()), len(y)
+        # The step's one host read (loss and hits together): the only wait for the device per step.
+        loss, hits = torch.stack([out.loss.detach().double(), (out.logits.detach().argmax(1) == y).sum().double()]
+                                 ).tolist()
+        hits, n = int(hits), len(y)
         if world > 1:  # every rank sees the global batch's numbers, so all stop together on a NaN
             loss, hits, n = _global_step_stats(loss, hits, n, s.device)
         if not math.isfinite(loss):

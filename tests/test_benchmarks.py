@@ -14,9 +14,10 @@ import pytest
 
 from benchmarks import run as bench_run
 from benchmarks.common import Result, Target, interleave, render, round_orders
-from benchmarks.method_cost import rwp_bound
+from benchmarks.method_cost import STATISTICS, per_flop, rwp_limit, rwp_name
+from benchmarks.stats import point
 
-TARGET_KEYS = {"name", "value", "op", "limit", "met", "note"}
+TARGET_KEYS = {"name", "value", "op", "limit", "low", "high", "rounds", "verdict", "met", "note"}
 
 
 def test_round_orders_alternate():
@@ -44,17 +45,26 @@ def test_interleave_times_only_the_timed_rounds_in_alternating_order():
 def test_targets_compare_as_stated():
     assert Target("x", 1.0, "<=", 1.0).met and not Target("x", 1.01, "<=", 1.0).met
     assert Target("x", 2.0, ">=", 2.0).met and not Target("x", 1.99, ">=", 2.0).met
+    assert Target("x", 1.2, "<=", 1.25, low=1.1, high=1.3, rounds=5).verdict == "undecided"
+    assert Target("x", 1.2, "<=", 1.25, low=1.1, high=1.24, rounds=5).verdict == "met"
+    assert Target("x", 1.2, "<=", 1.0, rounds=1).verdict == "undecided"  # sampled once: no spread to go on
     with pytest.raises(ValueError, match="unknown comparison"):
         _ = Target("x", 1.0, "<", 2.0).met
 
 
-def test_rwp_bound_allows_one_step_per_extra_iteration():
+def test_rwp_excess_allows_one_step_per_extra_iteration():
     # 7 K2 iterations: 6 beyond AWP's one step; RWP costs (10 - 4) / 1 = 6 steps more than AWP.
-    t = rwp_bound(t_rwp=10.0, t_awp=4.0, t_step=1.0, iterations=7)
-    assert (t.value, t.limit, t.met) == (6.0, 6.0, True)
-    assert not rwp_bound(10.5, 4.0, 1.0, 7).met
-    # one iteration (stopped at once): RWP must not cost more than AWP
-    assert rwp_bound(3.9, 4.0, 1.0, 1).limit == 0.0 and rwp_bound(3.9, 4.0, 1.0, 1).met
+    rounds = {"at-rwp": [10.0, 20.0], "at-awp": [4.0, 8.0], "one-step": [1.0, 2.0]}  # a slower second round
+    assert point(rounds, STATISTICS[rwp_name("at-rwp")]) == 6.0 and rwp_limit(7) == 6.0
+    assert rwp_limit(1) == 0.0  # one iteration (stopped at once): RWP must not cost more than AWP
+
+
+def test_time_statistics_over_their_flop_values():
+    flops = {"cure": [11.0], "trades": [9.0], "at-rwp-all": [14.0], "at-awp": [5.0], "one-step": [1.0]}
+    assert point(flops, STATISTICS["cure/trades"]) == pytest.approx(11 / 9)
+    assert point(flops, STATISTICS[rwp_name("at-rwp-all")]) == 9.0
+    times = {"cure": [2.2, 2.4], "trades": [2.0, 2.0]}  # per-round ratios 1.1, 1.2
+    assert point(times, per_flop(STATISTICS["cure/trades"], 11 / 9)) == pytest.approx(1.15 / (11 / 9))
 
 
 def test_parse_only_and_exit_code():
@@ -64,8 +74,11 @@ def test_parse_only_and_exit_code():
         bench_run.parse_only(["nope"])
     ok = Result("a", "a", targets=[Target("t", 1, "<=", 2)])
     missed = Result("b", "b", targets=[Target("t", 3, "<=", 2)])
+    undecided = Result("u", "u", targets=[Target("t", 1.9, "<=", 2, low=1.8, high=2.1, rounds=5)])
+    assert undecided.status == "undecided" and "UNDECIDED (the interval straddles the limit)" in render(undecided)
     assert bench_run.exit_code([ok, Result("s", "s", skipped="why")]) == 0
-    assert bench_run.exit_code([ok, missed]) == 1
+    assert bench_run.exit_code([ok, undecided]) == 0  # undecided does not fail the run; the summary lists it
+    assert bench_run.exit_code([ok, missed, undecided]) == 1
     assert bench_run.exit_code([missed, Result("e", "e", error="boom")]) == 2
 
 
@@ -103,10 +116,16 @@ def test_tiny_run_reports_every_benchmark(tmp_path, capsys, monkeypatch):
     by_name = {b["name"]: b for b in report["benchmarks"]}
     assert list(by_name) == names
     for b in by_name.values():
-        assert b["status"] in ("ok", "missed") and b["error"] is None, b
+        assert b["status"] in ("ok", "missed", "undecided") and b["error"] is None, b
         assert b["targets"] and all(set(t) == TARGET_KEYS for t in b["targets"])
     candidates = [r["candidate"] for r in by_name["method_cost"]["table"]]
     assert candidates == ["st", "at", "trades", "mart", "at-awp", "at-rwp", "at-rwp-all", "cure", "one-step"]
+    assert all(r["gflop"] > 0 for r in by_name["method_cost"]["table"])
+    flop_targets = [t for t in by_name["method_cost"]["targets"] if "measured / FLOP ratio" in t["name"]]
+    assert len(flop_targets) == 3 and all(t["limit"] == 1.05 for t in flop_targets)
+    # one timed round in the tiny profile: no interval, so no sampled target is decided
+    assert all(t["rounds"] == 1 and t["low"] is None and t["verdict"] == "undecided"
+               for t in by_name["method_cost"]["targets"])
     rwp_all = by_name["method_cost"]["table"][candidates.index("at-rwp-all")]
     assert rwp_all["k2_steps_taken"] == 10  # c_min = inf: every example qualifies, all K2 steps are taken
     assert {r["candidate"] for r in by_name["overhead"]["table"]} == {"layerlab", "bare"}

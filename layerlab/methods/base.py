@@ -16,6 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# Devices whose tensors Python may read (``float(t)``, ``bool(t)``, ``t.item()``, boolean indexing) without
+# waiting for queued work: the CPU, where the values already exist when the call returns. On every other
+# device (CUDA, ...) a read blocks the host until the device has caught up, so methods keep their
+# data-dependent decisions on the device there (see :func:`host_reads_free`).
+HOST_READ_DEVICES = frozenset({"cpu"})
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """True where reading a tensor's value into Python costs no device synchronisation (:data:`HOST_READ_DEVICES`).
+
+    Code that branches on a tensor's value takes its host branch only here; elsewhere it computes both
+    outcomes and selects on the device (``torch.where``), so a training step queues work without waiting."""
+    return device.type in HOST_READ_DEVICES
+
+
 @dataclass
 class AttackSettings:
     """The training-time threat model: eps-ball, step size, number of PGD steps."""

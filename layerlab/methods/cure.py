@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from layerlab import distributed
 from layerlab.attacks import ce_loss, eval_mode, kl_loss, pgd_perturb
-from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
+from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext, host_reads_free
 from layerlab.methods.objectives import trades_kl
 
 MASK_SCOPES = ("conv", "conv+linear", "all")
@@ -159,7 +159,7 @@ def kth_smallest(score: Tensor, k: int, nonnegative: bool = False) -> Tensor:
     in the number of entries and ~4x faster than ``torch.topk``/``kthvalue`` there. Other devices and dtypes
     use ``torch.kthvalue`` (no host sync). ``nonnegative=True`` (the caller knows) skips the sign check."""
     flat = score.reshape(-1)
-    if (flat.device.type != "cpu" or flat.dtype != torch.float32
+    if (not host_reads_free(flat.device) or flat.dtype != torch.float32
             or (not nonnegative and bool((flat < 0).any()))):
         return torch.kthvalue(flat, k).values
     bits = flat.view(torch.int32)
@@ -187,7 +187,7 @@ def lowest_k_mask(score: Tensor, k: int, nonnegative: bool = False) -> Tensor:
     kth = kth_smallest(flat, k, nonnegative)
     mask = flat <= kth
     extra = mask.sum() - k  # entries tied with the k-th value beyond the k wanted (usually 0)
-    if flat.device.type != "cpu" or bool(extra > 0):
+    if not host_reads_free(flat.device) or bool(extra > 0):
         tied = flat == kth
         drop = tied & (torch.cumsum(tied.flip(0), 0, dtype=torch.int64) <= extra).flip(0)
         mask &= ~drop  # keep the lowest-index tied entries, drop the highest
@@ -449,10 +449,21 @@ class Revision(Component):
         gen = ctx.generator
         draw = torch.rand((), generator=gen, device=gen.device)
         distributed.broadcast_([draw])  # every rank revises, or none (a no-op on one process)
-        draw = float(draw)
         self.draws += 1
-        if draw < self.rate(ctx):
-            self.revise(revision_decay(self.d, self.draws, self.d_ramp))
+        decay = revision_decay(self.d, self.draws, self.d_ramp)
+        if host_reads_free(draw.device):
+            if float(draw) < self.rate(ctx):
+                self.revise(decay)
+            return
+        # No host read: Eq. 7 is applied every step and kept where the draw (compared in fp64, as the host
+        # branch compares) says so; the count of revisions becomes a device tensor.
+        fire = draw.double() < self.rate(ctx)
+        tensors = [t for t, _ in self._params + self._buffers]
+        held = [t.clone() for t in tensors]
+        self.revise(decay)  # counts itself as a revision: replaced by the draw's verdict below
+        for t, before in zip(tensors, held):
+            torch.where(fire, t, before, out=t)
+        self.revisions = self.revisions - 1 + fire.long()
 
     def extra_models(self) -> dict[str, nn.Module]:
         return {"revision": self.model} if self.model is not None else {}

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from layerlab import distributed
-from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext
+from layerlab.methods.base import Component, Method, Objective, Outputs, StepContext, host_reads_free
 from layerlab.methods.objectives import PGDAT, TRADES
 
 EPS = 1e-20  # the reference codes' guard in ||w|| / (||d|| + EPS)
@@ -156,10 +156,14 @@ class WeightPerturbation(Component):
     # -- building v --------------------------------------------------------------------------------
 
     def compute(self, model: nn.Module, objective: Objective, x: Tensor, x_adv: Tensor | None,
-                y: Tensor) -> tuple[dict[str, Tensor], int, list[int]]:
+                y: Tensor) -> tuple[dict[str, Tensor], int | Tensor, list[int | Tensor]]:
         """(v, ascent steps taken, examples qualifying at each evaluated point); v is {} when no step was taken.
 
         The model (weights and buffers) is left untouched. Under DDP the counts are those of the global batch.
+        Where reading a count costs a device synchronisation (:func:`host_reads_free` is False: CUDA, ...) the
+        selection stays on the device: all K2 iterations run, as in the reference code (once none qualifies,
+        v and hence every later selection stay the same, and a step on no example adds a zero gradient), and
+        the counts are 0-d device tensors.
         """
         model = distributed.unwrap(model)
         weights = perturbable(model)
@@ -170,8 +174,9 @@ class WeightPerturbation(Component):
         batch = len(y)
         direction: dict[str, Tensor] = {}  # the summed ascent gradients; v = factors * direction
         factors: dict[str, Tensor] = {}
-        qualified: list[int] = []
-        taken = 0
+        qualified: list[int | Tensor] = []
+        taken: int | Tensor = 0
+        host = host_reads_free(y.device)
         for _ in range(self.steps):
             with torch.no_grad():  # w + v in one pass per tensor, without materializing v
                 leaves = {n: (torch.addcmul(w.detach(), direction[n], factors[n]) if direction else w.detach())
@@ -181,12 +186,12 @@ class WeightPerturbation(Component):
                 loss, count = losses.sum() / batch, batch * distributed.world_size()
             else:
                 keep = losses.detach() < self.c_min
-                loss = losses[keep].sum() / batch
+                loss = (losses[keep] if host else torch.where(keep, losses, 0.0)).sum() / batch
                 count_t = keep.sum()
                 distributed.all_reduce_sum_([count_t])  # every rank takes the same number of steps
-                count = int(count_t)
+                count = int(count_t) if host else count_t
             qualified.append(count)
-            if count == 0:
+            if host and count == 0:
                 break
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             step = {n: torch.zeros_like(_wide(w)) if g is None else _wide(g) for (n, w), g in zip(weights.items(), grads)}
@@ -197,7 +202,7 @@ class WeightPerturbation(Component):
                 for n, g in step.items():
                     direction[n].add_(g)
             factors = scale_factors(direction, norms, self.gamma, self.scope, scale=self.proxy_lr)
-            taken += 1
+            taken = taken + 1 if host or self.c_min is None else taken + (count > 0).long()
         v = {n: d * factors[n] for n, d in direction.items()}
         return v, taken, qualified
 
@@ -220,8 +225,8 @@ class WeightPerturbation(Component):
     def extra_loss(self, model: nn.Module, out: Outputs, x: Tensor, y: Tensor, ctx: StepContext) -> None:
         """Adds nothing to the loss; records this step's perturbation steps and qualifying examples in ``out.terms``."""
         device = out.loss.device
-        out.terms[f"{self.name}_steps"] = torch.tensor(float(self._last["steps"]), device=device)
-        out.terms[f"{self.name}_qualified"] = torch.tensor(float(self._last["qualified"]), device=device)
+        for key in ("steps", "qualified"):  # counts stay tensors where they are (no host read)
+            out.terms[f"{self.name}_{key}"] = torch.as_tensor(self._last[key], device=device).float()
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         if self._active is not None:
@@ -241,11 +246,13 @@ class WeightPerturbation(Component):
             self._epoch = epoch
             self._counts = dict.fromkeys(COUNTERS, 0)
 
-    def _record(self, batch: int, steps: int, qualified: list[int]) -> None:
+    def _record(self, batch: int, steps: int | Tensor, qualified: list[int | Tensor]) -> None:
+        """Add one step's counts (ints, or 0-d device tensors read only by :meth:`stats`/:meth:`state_dict`)."""
         first = qualified[0] if qualified else 0
         self._last = {"steps": steps, "qualified": first}
-        row = {"batches": 1, "perturbed_batches": int(steps > 0), "steps": steps, "qualified_first": first,
-               "qualified_total": sum(qualified[:steps]), "examples": batch}
+        # qualified_total: the counts at the points a step was taken from, i.e. every non-zero count
+        row = {"batches": 1, "perturbed_batches": steps > 0, "steps": steps, "qualified_first": first,
+               "qualified_total": sum(qualified), "examples": batch}
         for key, value in row.items():
             self._counts[key] += value
             self._totals[key] += value
@@ -254,10 +261,11 @@ class WeightPerturbation(Component):
         """Counters of the current epoch (reset when an epoch starts) and ``total_*`` over the whole run
         (kept through resume): batches, perturbed batches, ascent steps, examples qualifying at w
         (``qualified_first``) and summed over the steps taken (``qualified_total``), examples seen."""
-        return {"epoch": self._epoch, **self._counts, **{f"total_{k}": v for k, v in self._totals.items()}}
+        totals = {f"total_{k}": v for k, v in _ints(self._totals).items()}
+        return {"epoch": self._epoch, **_ints(self._counts), **totals}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "counts": dict(self._counts), "totals": dict(self._totals)}
+        return {"epoch": self._epoch, "counts": _ints(self._counts), "totals": _ints(self._totals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._epoch = state.get("epoch")
@@ -267,6 +275,11 @@ class WeightPerturbation(Component):
     def hparams(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "steps": self.steps, "c_min": self.c_min, "scope": self.scope,
                 "warmup_epochs": self.warmup_epochs, "proxy_lr": self.proxy_lr}
+
+
+def _ints(counts: dict[str, int | Tensor]) -> dict[str, int]:
+    """Counters as Python ints (reads device-tensor counters: called outside the training step)."""
+    return {k: int(v) for k, v in counts.items()}
 
 
 class AWP(WeightPerturbation):
