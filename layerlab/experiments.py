@@ -95,7 +95,7 @@ def _overfit_pilot() -> tuple[RunSpec, ...]:
     def at(n: int, epochs: int, width: float) -> RunSpec:
         return RunSpec(f"AT-n{n}-e{epochs}-w{width}", {"method": "at", "train_size": n, "epochs": epochs,
                                                        "width": width, "keep_every": max(1, epochs // 10)})
-    return (at(2000, 60, 0.25), at(1000, 60, 0.25))
+    return (at(2000, 60, 0.25), at(1000, 60, 0.25), at(1000, 60, 0.5), at(500, 100, 0.5))
 
 
 EXPERIMENTS: dict[str, Experiment] = {
