@@ -61,6 +61,10 @@ class TrainConfig:
     reinit: bool = _f(True, "re-initialize the updated blocks (else fine-tune them)")
     reset_bn: bool = _f(False, "when re-initializing, also reset BatchNorm (weights and statistics) of the updated "
                                 "blocks (else keep the ST model's)")
+    train_stem: bool = _f(False, "keep the stem trainable whatever --update freezes (the released code's freeze study "
+                                 "never freezes it); else the stem follows block1")
+    frozen_bn: str = _f("fixed", "BatchNorm statistics of frozen blocks: fixed (the ST model's) or adapt (updated "
+                                 "by the training forwards, as in the released code)")
     select_on: str = _f("val", "pick the best epoch on val or test robust accuracy")
     grad_stats: bool = _f(True, "record per-layer gradient statistics (layer_stats.jsonl)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")

@@ -98,10 +98,27 @@ def _overfit_pilot() -> tuple[RunSpec, ...]:
     return (at(2000, 60, 0.25), at(1000, 60, 0.25), at(1000, 60, 0.5), at(500, 100, 0.5))
 
 
+FREEZE_SPECS = ("1", "4", "23", "123")
+CODE_FREEZE = {"train_stem": True, "frozen_bn": "adapt"}  # how the released code's freeze study runs
+
+
+def _freeze_variants() -> tuple[RunSpec, ...]:
+    """The freeze study as the paper's text reads (stem with block1, frozen statistics fixed) and as the released
+    code runs it (stem always trained, frozen statistics adapting), against SAT (= AT)."""
+    order = [seeded("AT", method="at")]
+    for spec in FREEZE_SPECS:
+        order.append(seeded(f"U-{spec}", method="at", update=spec, init="ST"))
+        order.append(seeded(f"U-{spec}-code", method="at", update=spec, init="ST", **CODE_FREEZE))
+    return (_ST, *[spec for s in SEEDS for group in order for spec in group if spec.changes["seed"] == s])
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (
         Experiment("cure-decision", "Does CURE, run as its released code runs it, beat TRADES from the same "
                    "ST model and from scratch? (3 seeds, last checkpoint)", "cpu", _cure_decision()),
+        Experiment("freeze-variants", "Which freeze-study variant (paper text or released code) gives the "
+                   "paper's ordering U-23 >= SAT on natural and robust accuracy? (3 seeds)", "cpu",
+                   _freeze_variants()),
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
                    _overfit_pilot()),
@@ -159,6 +176,65 @@ def run_experiment(name: str, root: str | Path, *, progress: bool = False, only:
         trained.append(spec.name)
 
 
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One finished run's numbers (from ``summary.json`` and ``metrics.jsonl``; a record is enough): last and
+    best-on-validation natural / PGD accuracy on the test split, the robust best - last gap, and the last
+    epoch's training accuracy on its adversarial examples."""
+    summary = runs.read_json(run_dir / "summary.json")
+    metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
+    best = summary.get("best", {})
+    return {"run": run_dir.name, "group": group_of(run_dir.name), "seed": summary.get("seed", seed_of(run_dir.name)),
+            "n_test": summary.get("n_test"), "last_natural": summary["natural_acc"], "last_robust": summary["robust_acc"],
+            "best_epoch": summary.get("best_epoch"), "best_natural": best.get("natural_acc"),
+            "best_robust": best.get("robust_acc"),
+            "best_minus_last_robust": (None if best.get("robust_acc") is None
+                                       else round(best["robust_acc"] - summary["robust_acc"], 2)),
+            "train_adv_acc_last": metrics[-1].get("train_acc") if metrics else None,
+            "hours": round(summary.get("seconds", 0.0) / 3600, 3)}
+
+
+SUMMARY_COLUMNS = ("last_natural", "last_robust", "best_natural", "best_robust", "best_minus_last_robust",
+                   "train_adv_acc_last")
+
+
+def summarize(name: str, root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-run rows and per-group rows (mean, sample std and n over seeds) of experiment ``name``'s finished runs."""
+    import statistics
+
+    root = Path(root)
+    rows = [run_row(root / s.name) for s in experiment(name).specs if finished(root / s.name)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    table = []
+    for group, members in groups.items():
+        out: dict[str, Any] = {"group": group, "n_seeds": len(members), "seeds": " ".join(str(m["seed"]) for m in members)}
+        for col in SUMMARY_COLUMNS:
+            values = [m[col] for m in members if m[col] is not None]
+            out[f"{col}_mean"] = round(statistics.fmean(values), 2) if values else None
+            out[f"{col}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
+        out["hours"] = round(sum(m["hours"] for m in members), 2)
+        table.append(out)
+    return rows, table
+
+
+def write_summary_csv(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
+    """``OUT/NAME-runs.csv`` and ``OUT/NAME.csv`` (see :func:`summarize`)."""
+    import csv
+
+    rows, table = summarize(name, root)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for path, data in ((out_dir / f"{name}-runs.csv", rows), (out_dir / f"{name}.csv", table)):
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(data[0]) if data else ["run"])
+            writer.writeheader()
+            writer.writerows(data)
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layerlab.experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", default=None, help="comma-separated run names")
     run.add_argument("--progress", action="store_true")
     sub.add_parser("list", help="the experiments and their runs")
+    summ = sub.add_parser("summarize", help="per-run and per-group (mean, std over seeds) CSVs of the finished runs")
+    summ.add_argument("name", choices=sorted(EXPERIMENTS))
+    summ.add_argument("--runs", required=True, help="run root")
+    summ.add_argument("--out", required=True, help="directory for NAME.csv and NAME-runs.csv")
     args = parser.parse_args(argv)
+    if args.command == "summarize":
+        for path in write_summary_csv(args.name, args.runs, args.out):
+            print(path)
+        return 0
     if args.command == "list":
         for exp in EXPERIMENTS.values():
             print(f"{exp.name} ({exp.profile}): {exp.question}\n  " + " ".join(s.name for s in exp.specs))

@@ -95,24 +95,31 @@ class BlockReport:
     total: int
 
 
-def apply_update_spec(model: nn.Module, spec: str, *, reinit: bool = True, reset_bn: bool = False,
-                      seed: int = 0) -> list[BlockReport]:
-    """Freeze every part outside ``spec`` (weights and BatchNorm statistics) and re-initialize the
-    updated parts unless ``reinit`` is False (``--no-reinit`` fine-tunes, CURE Fig. 11).
+FROZEN_BN = ("fixed", "adapt")
 
-    Returns per-part trainable/total parameter counts.
+
+def apply_update_spec(model: nn.Module, spec: str, *, reinit: bool = True, reset_bn: bool = False,
+                      seed: int = 0, train_stem: bool = False, frozen_bn: str = "fixed") -> list[BlockReport]:
+    """Freeze every part outside ``spec`` (weights, and with ``frozen_bn="fixed"`` BatchNorm statistics) and
+    re-initialize the updated parts unless ``reinit`` is False (``--no-reinit`` fine-tunes, CURE Fig. 11).
+
+    ``train_stem`` keeps the stem trainable (not re-initialized) whatever the spec, and ``frozen_bn="adapt"``
+    lets frozen BatchNorm layers keep updating their running statistics in training mode: both as the
+    released code's freeze study runs. Returns per-part trainable/total parameter counts.
     """
+    if frozen_bn not in FROZEN_BN:
+        raise ValueError(f"unknown frozen_bn {frozen_bn!r}; choose one of {list(FROZEN_BN)}")
     n = num_blocks(model)
     trained = set(updated_parts(spec, n))
     generator = torch.Generator().manual_seed(seed)
     for part in block_names(model):
         module = getattr(model, part)
-        keep = part in trained
-        if keep and reinit:
+        keep = part in trained or (train_stem and part == "stem")
+        if part in trained and reinit:
             reinit_(module, generator=generator, reset_bn=reset_bn)
         for p in module.parameters():
             p.requires_grad_(keep)
-        if not keep:
+        if not keep and frozen_bn == "fixed":
             for m in module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.register_forward_pre_hook(_freeze_bn_stats)

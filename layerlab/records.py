@@ -29,15 +29,23 @@ TRAINING_FILES = ("config.json", "summary.json", "metrics.jsonl", "layer_stats.j
 COMPARED = ("natural_acc", "robust_acc", "best_epoch")  # what a retrained run must reproduce
 
 
-def copy_results(run_dir: Path, dest: Path) -> list[str]:
-    """Copy a run's small result files (not checkpoints, not the record marker) to ``dest``; returns the names."""
+ROOT_TOKEN = "RUN_ROOT"  # stands for the run root's absolute path in exported files
+
+
+def copy_results(run_dir: Path, dest: Path, replace: tuple[str, str] | None = None) -> list[str]:
+    """Copy a run's small result files (not checkpoints, not the record marker) to ``dest``; returns the names.
+    ``replace=(old, new)`` rewrites every occurrence of ``old`` in the copied text (a run root's path)."""
     copied = []
     for path in sorted(Path(run_dir).iterdir()):
         if (path.is_file() and path.suffix in COPIED_SUFFIXES and path.name != MARKER
                 and path.stat().st_size <= MAX_COPY_BYTES):
             dest.mkdir(parents=True, exist_ok=True)
-            if not (dest / path.name).exists() or (dest / path.name).read_bytes() != path.read_bytes():
-                shutil.copy2(path, dest / path.name)
+            data = path.read_bytes()
+            if replace is not None:
+                data = data.replace(replace[0].encode(), replace[1].encode())
+            target = dest / path.name
+            if not target.exists() or target.read_bytes() != data:
+                target.write_bytes(data)
             copied.append(path.name)
     return copied
 
@@ -63,10 +71,10 @@ def export_records(run_root: str | Path, dest: str | Path) -> list[str]:
     for run_dir in sorted(p for p in run_root.iterdir()
                           if p.is_dir() and p.name != ANALYSIS and not p.name.endswith(ASIDE)):
         if _finished(run_dir):
-            copy_results(run_dir, dest / run_dir.name)
+            copy_results(run_dir, dest / run_dir.name, (str(run_root.resolve()), ROOT_TOKEN))
             names.append(run_dir.name)
     if (run_root / ANALYSIS).is_dir():
-        copy_results(run_root / ANALYSIS, dest / ANALYSIS)
+        copy_results(run_root / ANALYSIS, dest / ANALYSIS, (str(run_root.resolve()), ROOT_TOKEN))
     return names
 
 
@@ -80,14 +88,12 @@ def restore_records(src: str | Path, run_root: str | Path) -> list[str]:
     for rec in sorted(p for p in src.iterdir() if p.is_dir()):
         target = run_root / rec.name
         if rec.name == ANALYSIS:
-            for path in rec.iterdir():
-                if path.is_file() and not (target / path.name).exists():
-                    target.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, target / path.name)
+            if not target.exists():
+                copy_results(rec, target, (ROOT_TOKEN, str(run_root.resolve())))
             continue
         if not all((rec / name).exists() for name in ("config.json", "summary.json")) or target.exists():
             continue
-        copy_results(rec, target)
+        copy_results(rec, target, (ROOT_TOKEN, str(run_root.resolve())))
         runs.write_json(target / MARKER, {"restored_from": str(rec.resolve()),
                                           "restored_at": runs.utc_now()})
         restored.append(rec.name)

@@ -121,7 +121,8 @@ def build_run_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
     if cfg.init:
         runs.load_weights(model, runs.load_checkpoint(cfg.init), source=f"--init {cfg.init}")
     if cfg.update:
-        apply_update_spec(model, cfg.update, reinit=cfg.reinit, reset_bn=cfg.reset_bn, seed=cfg.seed)
+        apply_update_spec(model, cfg.update, reinit=cfg.reinit, reset_bn=cfg.reset_bn, seed=cfg.seed,
+                          train_stem=cfg.train_stem, frozen_bn=cfg.frozen_bn)
     return model
 
 

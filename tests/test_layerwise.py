@@ -221,6 +221,26 @@ def test_frozen_batchnorm_statistics_stay_fixed_in_train_mode():
     assert model.block2.training  # model.train() still reaches the updated blocks
 
 
+def test_released_code_variant_trains_the_stem_and_adapts_frozen_statistics():
+    model = _resnet()
+    _perturb_bns(model)
+    stem_before = _clone_state(model.stem)
+    apply_update_spec(model, "23", reinit=True, train_stem=True, frozen_bn="adapt")
+    assert all(p.requires_grad for p in model.stem.parameters())  # trainable, though block1 is frozen
+    assert all(torch.equal(v, stem_before[k]) for k, v in model.stem.state_dict().items())  # not re-initialized
+    assert not any(p.requires_grad for p in model.block1.parameters())
+    assert not any(p.requires_grad for p in model.head.parameters())
+    before = _clone_state(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    moved = {block_of_param(k) for k, v in model.state_dict().items()
+             if "running_mean" in k and not torch.equal(v, before[k])}
+    assert {"stem", "block1", "block4"} <= moved  # frozen blocks' statistics follow the batches
+    with pytest.raises(ValueError, match="frozen_bn"):
+        apply_update_spec(_resnet(), "23", frozen_bn="train")
+
+
 # ------------------------------------------------------------------------------- a real run
 
 

@@ -175,3 +175,17 @@ def test_a_second_process_waits_for_an_analysis_instead_of_repeating_it(tmp_path
     assert runs.read_json(path)["made_by"] == "holder"
     assert not (root / "ST" / runs.COSTS).exists()
     assert not list((root / "ST").glob("*.lock"))  # the lock sits beside the run, never in its records
+
+
+def test_records_hold_the_run_root_as_a_token_not_a_machine_path(tmp_path):
+    root, other = tmp_path / "root", tmp_path / "elsewhere"
+    run = root / "CURE"
+    run.mkdir(parents=True)
+    runs.write_json(run / "config.json", {"config": {"init": str(root / "ST" / "checkpoints" / "best.pt")}})
+    runs.write_json(run / "summary.json", {"natural_acc": 1.0})
+    assert export_records(root, tmp_path / "rec") == ["CURE"]
+    exported = (tmp_path / "rec" / "CURE" / "config.json").read_text()
+    assert str(tmp_path) not in exported and "RUN_ROOT/ST/checkpoints/best.pt" in exported
+    assert restore_records(tmp_path / "rec", other) == ["CURE"]
+    restored = runs.read_json(other / "CURE" / "config.json")["config"]["init"]
+    assert restored == str((other / "ST" / "checkpoints" / "best.pt").resolve())
