@@ -1,0 +1,170 @@
+"""The papers' claims as checks over result files: each gives a verdict from seeded runs, never by hand.
+
+A claim reads per-run rows (one per training seed, as :func:`layerlab.experiments.summarize` writes them in
+``NAME-runs.csv``), groups them by run group, and compares 95% confidence intervals of the group means
+(Student t, mean +- t * std / sqrt(n)):
+
+* ``reproduced``: the intervals say what the paper says (they do not overlap, in the paper's direction);
+* ``not reproduced``: the intervals say the opposite (no overlap, other direction);
+* ``inconclusive``: the intervals overlap, or a group has fewer than :data:`MIN_SEEDS` seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from layerlab.train import nrr
+
+MIN_SEEDS = 3
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+# two-sided 95% Student t quantiles by degrees of freedom (1..30); larger samples use 1.96
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A group's mean, sample standard deviation, seed count and 95% interval of one metric."""
+
+    mean: float
+    std: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        if self.n < 2:
+            return math.inf
+        t = _T95[self.n - 2] if self.n - 1 <= len(_T95) else 1.96
+        return t * self.std / math.sqrt(self.n)
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    def __str__(self) -> str:
+        spread = f" ± {self.std:.1f}" if self.n > 1 else ""
+        return f"{self.mean:.1f}{spread} (n={self.n})"
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    """A run row's value of ``metric``; ``last_nrr`` / ``best_nrr`` are computed from the row's accuracies."""
+    if metric.endswith("_nrr"):
+        kind = metric[: -len("_nrr")]
+        nat, rob = row.get(f"{kind}_natural"), row.get(f"{kind}_robust")
+        return None if nat in (None, "") or rob in (None, "") else nrr(float(nat), float(rob))
+    value = row.get(metric)
+    return None if value in (None, "") else float(value)
+
+
+def estimate(rows: Iterable[dict[str, Any]], group: str, metric: str) -> Estimate | None:
+    """The estimate of ``metric`` over the rows of ``group`` (None when it has no such rows)."""
+    values = [v for r in rows if r["group"] == group and (v := metric_value(r, metric)) is not None]
+    if not values:
+        return None
+    return Estimate(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def _verdict(holds: bool, fails: bool, estimates: Sequence[Estimate | None]) -> str:
+    if any(e is None or e.n < MIN_SEEDS for e in estimates):
+        return INCONCLUSIVE
+    return REPRODUCED if holds else NOT_REPRODUCED if fails else INCONCLUSIVE
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper: ``kind`` is ``greater`` (group a's metric above group b's), ``at_least`` (group a's
+    metric >= ``value``) or ``peaks_inside`` (of ``groups`` in sweep order, an inner one has the highest metric)."""
+
+    key: str
+    paper: str
+    text: str
+    kind: str
+    metric: str
+    groups: tuple[str, ...]
+    value: float | None = None
+    published: str = ""
+
+    def check(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The claim's verdict on ``rows``, with the estimates it read."""
+        est = [estimate(rows, g, self.metric) for g in self.groups]
+        if self.kind == "greater":
+            a, b = est
+            verdict = _verdict(a is not None and b is not None and a.low > b.high,
+                               a is not None and b is not None and a.high < b.low, est)
+        elif self.kind == "at_least":
+            (a,) = est
+            verdict = _verdict(a is not None and a.low >= self.value, a is not None and a.high < self.value, est)
+        elif self.kind == "peaks_inside":
+            known = [e for e in est if e is not None]
+            if len(known) < 3 or len(known) < len(est):
+                verdict = INCONCLUSIVE
+            else:
+                top = max(range(len(est)), key=lambda i: est[i].mean)
+                inner = 0 < top < len(est) - 1
+                separated = all(est[top].low > e.high for i, e in enumerate(est) if i != top)
+                verdict = _verdict(inner and separated, not inner and separated, est)
+        else:
+            raise ValueError(f"unknown claim kind {self.kind!r}")
+        ours = "; ".join(f"{g}: {e if e is not None else 'no runs'}" for g, e in zip(self.groups, est))
+        return {"claim": self.key, "paper": self.paper, "text": self.text, "published": self.published,
+                "metric": self.metric, "ours": ours, "verdict": verdict}
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("cure-nrr-over-trades", "CURE", "CURE has a better natural-robust trade-off (NRR) than TRADES (Table 1)",
+          "greater", "last_nrr", ("CURE", "TRADES")),
+    Claim("cure-code-nrr-over-trades", "CURE", "CURE run as the released code runs it has a higher NRR than TRADES",
+          "greater", "last_nrr", ("CURE-code", "TRADES")),
+    Claim("cure-beats-trades-from-st", "CURE", "CURE beats TRADES (beta 6) started from the same ST model (Table 5)",
+          "greater", "last_nrr", ("CURE", "TRADES-b6-fromST")),
+    Claim("u23-natural-over-sat", "CURE", "U-23 is more accurate than SAT on natural images (Fig. 2b)",
+          "greater", "last_natural", ("U-23", "AT")),
+    Claim("u23-robust-over-sat", "CURE", "U-23 is more robust than SAT (Fig. 2b)", "greater", "last_robust",
+          ("U-23", "AT")),
+    Claim("u23-code-robust-over-sat", "CURE", "U-23 as the released code freezes is more robust than SAT",
+          "greater", "last_robust", ("U-23-code", "AT")),
+)
+
+
+def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Per-run rows from ``NAME-runs.csv`` files (missing files are skipped)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if Path(path).exists():
+            with open(path, newline="") as fh:
+                rows += list(csv.DictReader(fh))
+    return rows
+
+
+def claims_table(rows: Sequence[dict[str, Any]], claims: Sequence[Claim] = CLAIMS) -> str:
+    """A Markdown table: claim | paper | ours (mean ± std, n) | verdict."""
+    lines = ["| claim | paper | ours (mean ± std, n seeds) | verdict |", "|---|---|---|---|"]
+    for claim in claims:
+        r = claim.check(rows)
+        lines.append(f"| {r['text']} | {r['paper']} {r['published']} | {r['metric']}: {r['ours']} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m layerlab.claims DIR``: the claims table from ``DIR/*-runs.csv`` to standard output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m layerlab.claims", description=main.__doc__)
+    parser.add_argument("results", help="directory of NAME-runs.csv files (e.g. results/experiments)")
+    args = parser.parse_args(argv)
+    print(claims_table(read_rows(sorted(Path(args.results).glob("*-runs.csv")))), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
