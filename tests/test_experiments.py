@@ -1,0 +1,64 @@
+"""Named experiments (layerlab.experiments): seeded run sets, dependencies, summaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerlab import experiments as ex
+from layerlab import runs
+from layerlab.records import export_records, restore_records
+
+
+def test_run_names_carry_their_seed() -> None:
+    specs = ex.seeded("CURE-code", method="cure", init="ST")
+    assert [s.name for s in specs] == ["CURE-code", "CURE-code-s1", "CURE-code-s2"]
+    assert [ex.seed_of(s.name) for s in specs] == [0, 1, 2] and {ex.group_of(s.name) for s in specs} == {"CURE-code"}
+    assert ex.group_of("CURE-d0.98-rconst-s2") == "CURE-d0.98-rconst" and ex.seed_of("U-23-code") == 0
+
+
+def test_every_experiment_names_each_run_once_and_starts_from_runs_it_has() -> None:
+    for exp in ex.EXPERIMENTS.values():
+        names = [s.name for s in exp.specs]
+        assert len(names) == len(set(names)), exp.name
+        assert all(s.init is None or s.init in names[: names.index(s.name)] for s in exp.specs), exp.name
+    with pytest.raises(ValueError, match="unknown experiment"):
+        ex.experiment("nope")
+
+
+@pytest.fixture
+def tiny_experiment(monkeypatch, tiny_cfg):
+    exp = ex.Experiment("tiny", "test", "smoke", (ex.RunSpec("ST", {"method": "st"}),
+                                                   *ex.seeded("AT-fromST", seeds=(0, 1), method="at", init="ST")))
+    monkeypatch.setitem(ex.EXPERIMENTS, "tiny", exp)
+    monkeypatch.setattr(ex, "base_config", lambda profile: tiny_cfg())
+    return exp
+
+
+def test_runs_train_after_what_they_start_from_and_summarize_over_seeds(tmp_path, tiny_experiment) -> None:
+    root = tmp_path / "root"
+    assert ex.run_experiment("tiny", root, log=lambda _: None) == ["ST", "AT-fromST", "AT-fromST-s1"]
+    cfg = runs.read_json(root / "AT-fromST-s1" / "config.json")["config"]
+    assert cfg["init"] == str(root.resolve() / "ST" / "checkpoints" / "best.pt") and cfg["seed"] == 1
+    assert ex.run_experiment("tiny", root, log=lambda _: None) == []  # finished runs are never retrained
+    rows, table = ex.summarize("tiny", root)
+    at = next(t for t in table if t["group"] == "AT-fromST")
+    values = [r["last_robust"] for r in rows if r["group"] == "AT-fromST"]
+    assert at["n_seeds"] == 2 and at["seeds"] == "0 1"
+    assert at["last_robust_mean"] == pytest.approx(sum(values) / 2, abs=0.01)
+    paths = ex.write_summary_csv("tiny", root, tmp_path / "out")
+    assert [p.name for p in paths] == ["tiny-runs.csv", "tiny.csv"] and "AT-fromST-s1" in paths[0].read_text()
+
+
+def test_a_recorded_dependency_is_retrained_before_its_dependents(tmp_path, tiny_experiment) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    ex.run_experiment("tiny", first, only=["ST"], log=lambda _: None)
+    export_records(first, tmp_path / "rec")
+    assert "ST" in restore_records(tmp_path / "rec", second)
+    ex.run_experiment("tiny", second, only=["ST", "AT-fromST"], log=lambda _: None)
+    assert (second / "ST" / "checkpoints" / "best.pt").exists()
+    assert json.loads((second / "ST" / "reproduced.json").read_text())["identical"]
+    assert (second / "AT-fromST" / "summary.json").exists() and not (second / "AT-fromST-s1").exists()
+    with pytest.raises(ValueError, match="has no runs"):
+        ex.run_experiment("tiny", second, only=["AT-fromST-s9"], log=lambda _: None)
