@@ -76,6 +76,41 @@ class TrainConfig:
 
     # Fields that change what a run writes, not what it learns: re-using a run ignores them.
     OUTPUT_ONLY: ClassVar[tuple[str, ...]] = ("keep_every",)
+    # Fields with a fixed set of values.
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "norm": ("linf", "l2"), "select_on": ("val", "test"), "frozen_bn": ("fixed", "adapt"),
+    }
+
+    def validate(self) -> "TrainConfig":
+        """Check every value before any work; a bad one raises a one-line ValueError naming its option and the fix.
+        Returns the config itself."""
+        def flag(name: str) -> str:
+            field_ = next(f for f in dataclasses.fields(self) if f.name == name)
+            return "--" + field_.metadata.get("flag", name.replace("_", "-"))
+
+        positive = ("epochs", "batch_size", "eval_batch_size", "train_size", "test_size", "eval_size", "width")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{flag(name)} must be positive (got {value!r}); give a value above 0")
+        for name in ("val_size", "attack_steps", "epoch_eval_steps", "eval_steps", "keep_every", "lr", "momentum",
+                     "weight_decay", "eps", "alpha"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{flag(name)} must not be negative (got {value!r}); give 0 or more")
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        kind, _, arg = self.schedule.partition(":")
+        if kind not in ("step", "multistep", "cosine", "constant") or (kind == "multistep") != bool(arg):
+            raise ValueError(f"--schedule {self.schedule!r} is not one of step, multistep:E1,E2, cosine, constant")
+        if kind == "multistep":
+            try:
+                [float(m) for m in arg.split(",") if m]
+            except ValueError:
+                raise ValueError(f"--schedule {self.schedule!r}: milestones must be epochs, e.g. "
+                                 f"multistep:100,150") from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy of every field."""

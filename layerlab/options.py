@@ -94,11 +94,11 @@ class ConfigArgs:
 
     def build(self, **between: Any) -> TrainConfig:
         """The profile's config, then the file's values, then ``between`` (e.g. a method preset's config), then
-        the options given on the command line."""
+        the options given on the command line; checked (:meth:`TrainConfig.validate`)."""
         cfg = make_config(self.profile)
         if self.file is not None:
             cfg = dataclasses.replace(cfg, **read_config_file(self.file))
-        return cfg.replace(**between).replace(**self.given)
+        return cfg.replace(**between).replace(**self.given).validate()
 
 
 def config_options(*, skip: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -272,6 +272,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     summary. All ranks read ``last.pt`` to resume (``out`` must be on a file system they share). Rank 0
     holds a lock on ``out`` throughout: a second process training the same run directory is refused.
     """
+    cfg.validate()  # bad settings are refused before anything is written
+    build_method(cfg.method, cfg.method_args)
     with contextlib.ExitStack() as lock:
         distributed.on_main(lambda: lock.enter_context(runs.run_lock(out)))
         return _train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after,

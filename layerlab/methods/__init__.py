@@ -10,6 +10,7 @@ package merges them.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Callable
 
@@ -30,10 +31,35 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     factory, _ = METHODS[name]
+    _check_types(name, factory, args or {})
     try:
         return factory(**(args or {}))
     except TypeError as err:
         raise ValueError(f"bad hyper-parameters for method {name!r}: {err}") from None
+
+
+def _check_types(name: str, factory: MethodFactory, args: dict[str, Any]) -> None:
+    """Refuse a hyper-parameter whose value does not have the type its factory declares (a number for a float,
+    a whole number for an int, ...), naming the key and the expected type."""
+    params = inspect.signature(factory, eval_str=True).parameters
+    for key, value in args.items():
+        if key not in params or params[key].annotation is inspect.Parameter.empty:
+            continue  # unknown keys: the factory's own TypeError names them
+        expected = params[key].annotation
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected in (bool, str):
+            ok = isinstance(value, expected)
+        else:
+            continue
+        if not ok:
+            kind = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}[expected]
+            default = params[key].default
+            example = default if isinstance(default, str) else json.dumps(default)
+            raise ValueError(f"method {name!r}: hyper-parameter {key} must be {kind}, got {value!r} "
+                             f"(e.g. --arg {key}={example})")
 
 
 def _parse_value(text: str) -> Any:

@@ -1,0 +1,52 @@
+"""Bad command-line inputs are refused before any work: one error line naming the fix, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from layerlab.cli import app
+
+# Tiny settings for the commands (the same sizes as tests/conftest.py's TINY).
+TINY_ARGS = ["--profile", "smoke", "--epochs", "1", "--width", "0.0625", "--train-size", "64", "--test-size", "32",
+             "--val-size", "16", "--eval-size", "16", "--batch-size", "32", "--attack-steps", "1",
+             "--epoch-eval-steps", "1", "--eval-steps", "1", "--device", "cpu", "--no-progress"]
+
+
+def invoke(*args: object):
+    """Run the CLI in-process; stdout and stderr are kept apart."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def refused(result) -> str:
+    """The one error line of a refused command (exit status 2, nothing on stdout)."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_batch_size_zero_is_refused_and_nothing_is_written(tmp_path):
+    line = refused(invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--batch-size", "0"))
+    assert "--batch-size must be positive" in line and "got 0" in line
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_epochs_below_one_are_refused_and_nothing_is_written(tmp_path, epochs):
+    line = refused(invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--epochs", epochs))
+    assert "--epochs must be positive" in line and f"got {epochs}" in line
+    assert files_under(tmp_path) == []
+
+
+def test_a_string_for_a_numeric_hyper_parameter_is_refused(tmp_path):
+    line = refused(invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--method", "trades", "--arg", "beta=abc"))
+    assert "beta must be a number" in line and "'abc'" in line and "--arg beta=" in line
+    assert files_under(tmp_path) == []
