@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -26,7 +27,7 @@ from layerlab.gallery import GROUPS
 from layerlab.gallery import reproduce as run_all
 from layerlab.methods import METHODS, PRESETS, resolve_method
 from layerlab.methods.perturbation import C_MIN
-from layerlab.options import UNITS_HELP, ConfigArgs, config_options
+from layerlab.options import UNITS_HELP, ConfigArgs, config_options, switch
 from layerlab.plots.cka import plot_cka
 from layerlab.plots.layer_stats import plot_grads
 from layerlab.plots.robustness import plot_eps_sweep
@@ -34,13 +35,51 @@ from layerlab.records import export_records, restore_records
 from layerlab.study import run_freeze_study, run_method_comparison
 from layerlab.system import tune_cpu_allocator
 
-app = typer.Typer(help="Layer-wise analysis of adversarial training (CURE, RWP) in PyTorch.",
+class _FlagHelp:
+    """Commands whose ``--help`` is shown as a flag (typer otherwise shows it as taking a ``<bool>``)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+app = typer.Typer(help="Layer-wise analysis of adversarial training (CURE, RWP) in PyTorch.", cls=_Group,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
+def version() -> str:
+    """The installed layerlab version."""
+    try:
+        return importlib.metadata.version("layerlab")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"layerlab {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = switch(False, "--version", help="print the version and exit", is_eager=True,
+                                      callback=_print_version)) -> None:
+    """Layer-wise analysis of adversarial training (CURE, RWP) in PyTorch."""
+
+
 DataDirOpt = typer.Option(None, "--data-dir", help="where datasets live (else $LAYERLAB_DATA)")
-OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing run directory")
-ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
+OverwriteOpt = switch(False, "--overwrite", help="replace an existing run directory")
+ResumeOpt = switch(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
+ProgressOpt = switch(True, "--progress/--no-progress", help="show progress bars")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
                                          f"profile {ST_EPOCHS}")
 
@@ -96,8 +135,8 @@ def freeze_study(
     out: Path = typer.Option(Path("runs/freeze-study"), "--out", help="study directory (ST/, AT/, U-*/, study.csv)"),
     base: Optional[str] = typer.Option(None, help="re-use this ST checkpoint instead of training ST"),
     method: str = typer.Option("at", help="adversarial method of the U-spec runs (at or trades)"),
-    reinit: bool = typer.Option(True, "--reinit/--no-reinit", help="re-initialize updated blocks (else fine-tune)"),
-    sat: bool = typer.Option(True, "--sat/--no-sat", help="also train the full AT baseline from scratch (SAT)"),
+    reinit: bool = switch(True, "--reinit/--no-reinit", help="re-initialize updated blocks (else fine-tune)"),
+    sat: bool = switch(True, "--sat/--no-sat", help="also train the full AT baseline from scratch (SAT)"),
     st_epochs: Optional[int] = StEpochsOpt, overwrite: bool = OverwriteOpt, progress: bool = ProgressOpt,
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1: after ST, train the independent "
                                        "runs in parallel, one subprocess per GPU (logs in OUT/logs; not with torchrun)"),
@@ -263,7 +302,7 @@ def cka(
     n: int = typer.Option(1000, help="number of test examples"),
     batch_size: int = typer.Option(100, help="minibatch size of the unbiased HSIC estimator (>= 4)"),
     mode: Optional[str] = typer.Option(None, help="nat-vs-adv (default without --other) or same-inputs"),
-    adversarial: Optional[bool] = typer.Option(None, "--adversarial/--natural",
+    adversarial: Optional[bool] = switch(None, "--adversarial/--natural",
                                                help="same-inputs: PGD inputs crafted on model A, or natural ones"),
     checkpoint: str = typer.Option("best", help="best or last"),
     layers: str = typer.Option("blocks", help="blocks, residual-blocks, all-convs, or comma-separated module names"),
@@ -288,7 +327,7 @@ def cka(
     typer.echo(f"wrote {path} and {png} (n={result.n})")
 
 
-plot_app = typer.Typer(help="Figures drawn from a run's result files only (no model is loaded).",
+plot_app = typer.Typer(help="Figures drawn from a run's result files only (no model is loaded).", cls=_Group,
                        no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 
@@ -373,7 +412,7 @@ def reproduce(
     figures: Path = typer.Option(Path("runs/figures"), "--figures", help="where figures and tables are written"),
     only: Optional[str] = typer.Option(None, help="comma-separated figure groups (default: all, in notebook order)"),
     data_dir: Optional[str] = DataDirOpt,
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+    progress: Optional[bool] = switch(None, "--progress/--no-progress",
                                             help="progress bars (default: on at cpu and paper scale)"),
     records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
                                            "restore missing runs from it first, export finished runs to it"),
@@ -392,7 +431,7 @@ def reproduce(
 
 
 records_app = typer.Typer(help="Run records: a run root's small result files, kept where checkpoints cannot be.",
-                          no_args_is_help=True)
+                          cls=_Group, no_args_is_help=True)
 app.add_typer(records_app, name="records")
 
 
@@ -425,7 +464,7 @@ def records_restore(
 def explore(
     runs: Path = typer.Option(Path("runs/reproduce"), "--runs", help="run root to explore"),
     port: int = typer.Option(8866, help="localhost port of the Voilà server"),
-    browser: bool = typer.Option(True, "--browser/--no-browser", help="open a browser tab"),
+    browser: bool = switch(True, "--browser/--no-browser", help="open a browser tab"),
 ) -> None:
     """Serve the interactive explorer (layerlab.explore) of a run root with Voilà on localhost."""
     from layerlab.explore import app_notebook, voila_command
@@ -438,6 +477,12 @@ def explore(
     cmd = voila_command(notebook, port=port, open_browser=browser)
     typer.echo(f"serving {runs} at http://127.0.0.1:{port}/ (Ctrl-C stops)", err=True)
     os.execv(cmd[0], cmd)  # the server replaces this process, so Ctrl-C and kill reach it directly
+
+
+for _typer_app in (app, plot_app, records_app):
+    for _info in _typer_app.registered_commands:
+        if _info.cls in (None, typer.core.TyperCommand):
+            _info.cls = _Command
 
 
 def main() -> None:

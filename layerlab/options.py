@@ -43,13 +43,20 @@ def _base_type(name: str) -> type:
     return args[0] if args else hint
 
 
+def switch(default: bool | None, *decls: str, **kwargs: Any) -> Any:
+    """An on/off option (``--x`` or ``--x/--no-x``): like ``typer.Option``, shown in ``--help`` without a value
+    type, since it takes none."""
+    return typer.Option(default, *decls, metavar="", **kwargs)
+
+
 def _parameter(name: str) -> inspect.Parameter:
     """A typer option for config field ``name``; its default None means "not given"."""
     meta = _FIELDS[name].metadata
     kind = _base_type(name)
     flag = flag_of(name)
     decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-    option = typer.Option(None, *decls, help=meta["help"], rich_help_panel="Training config")
+    option = (switch if kind is bool else typer.Option)(None, *decls, help=meta["help"],
+                                                         rich_help_panel="Training config")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
 
 

@@ -48,17 +48,25 @@ class RunDirBusyError(RuntimeError):
 def run_lock(out: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on run directory ``out`` while training it, so that two processes never
     write one run. The lock file sits beside the directory (``.NAME.lock``) so that ``--overwrite``
-    cannot delete it; the OS releases it when the process ends, however it ends."""
+    cannot delete it; the holder removes it when done, and the OS releases the lock when the process ends,
+    however it ends."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(path), "a+") as fh:
+    lock = _lock_path(path)
+    while True:
+        fh = open(lock, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise RunDirBusyError(f"run directory {path} is being trained by {holder}; wait for it to finish "
                                   f"or choose another --out") from None
+        if _same_file(fh, lock):
+            break
+        fh.close()  # the previous holder removed this file after we opened it: lock the current one
+    with fh:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -66,9 +74,16 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
         try:
             yield
         finally:
-            fh.seek(0)
-            fh.truncate()
+            lock.unlink(missing_ok=True)  # while still holding it: a waiting process then re-opens a new file
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _lock_path(out: str | os.PathLike, what: str = "") -> Path:
@@ -110,10 +125,11 @@ def _lock_waiting(fh: Any, on_wait: Callable[[], None] | None) -> bool:
 
 def is_locked(out: str | os.PathLike) -> bool:
     """Whether a process holds ``out``'s run lock right now (it is being trained)."""
-    lock = _lock_path(out)
-    if not lock.exists():
+    try:
+        fh = open(_lock_path(out))  # read-only: never re-create a lock file its holder removed
+    except FileNotFoundError:
         return False
-    with open(lock, "a+") as fh:
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -124,9 +140,11 @@ def is_locked(out: str | os.PathLike) -> bool:
 
 def wait_unlocked(out: str | os.PathLike, log: Callable[[str], None] | None = print) -> bool:
     """Block while another process holds ``out``'s run lock (see :func:`run_lock`); True when it had to wait."""
-    if not _lock_path(out).exists():
+    try:
+        fh = open(_lock_path(out))  # read-only: never re-create a lock file its holder removed
+    except FileNotFoundError:
         return False
-    with open(_lock_path(out), "a+") as fh:
+    with fh:
         def on_wait() -> None:
             fh.seek(0)
             if log:

@@ -50,3 +50,26 @@ def test_a_string_for_a_numeric_hyper_parameter_is_refused(tmp_path):
     line = refused(invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--method", "trades", "--arg", "beta=abc"))
     assert "beta must be a number" in line and "'abc'" in line and "--arg beta=" in line
     assert files_under(tmp_path) == []
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"layerlab {version('layerlab')}"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["freeze-study"], ["cka"], ["reproduce"], ["plot", "grads"]])
+def test_on_off_options_are_shown_as_flags(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = invoke(*command, "--help").stdout
+    assert "<bool>" not in text
+    assert "--help" in text
+    if command == ["train"]:
+        assert "--download" in text and "--no-reinit" in text and "--resume" in text and "<int>" in text
+
+
+def test_the_lock_file_is_removed_after_a_clean_run(tmp_path):
+    result = invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--method", "st")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no .run.lock beside it

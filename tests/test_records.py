@@ -189,3 +189,12 @@ def test_records_hold_the_run_root_as_a_token_not_a_machine_path(tmp_path):
     assert restore_records(tmp_path / "rec", other) == ["CURE"]
     restored = runs.read_json(other / "CURE" / "config.json")["config"]["init"]
     assert restored == str((other / "ST" / "checkpoints" / "best.pt").resolve())
+
+
+def test_the_run_lock_file_is_removed_by_its_holder(tmp_path):
+    with runs.run_lock(tmp_path / "run"):
+        assert runs.is_locked(tmp_path / "run") and (tmp_path / ".run.lock").exists()
+    assert not (tmp_path / ".run.lock").exists() and not runs.is_locked(tmp_path / "run")
+    with pytest.raises(RuntimeError), runs.run_lock(tmp_path / "run"):
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
