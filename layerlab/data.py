@@ -420,16 +420,14 @@ def _load_torchvision(name: str, root: Path, *, download: bool) -> tuple[ImageSe
 
 def _load_folder_tree(root: Path, cache_dir: str | os.PathLike | None) -> tuple[ImageSet, ImageSet, list[str]]:
     """Load ``root/{train,test}/<class>/*``; class indices come from the sorted train folders."""
-    from torchvision.datasets.folder import find_classes
-
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DataNotFoundError(
                 f"{root / split} is not a directory; an image-folder data set needs {root}/train/<class>/ and "
                 f"{root}/test/<class>/ (fix: --data-dir DIR / LAYERLAB_DATA, or --download for named data sets)"
             )
-    classes, class_to_idx = find_classes(str(root / "train"))
-    test_classes, _ = find_classes(str(root / "test"))
+    classes, class_to_idx = _find_classes(root / "train")
+    test_classes, _ = _find_classes(root / "test")
     extra = sorted(set(test_classes) - set(classes))
     if extra:
         raise ValueError(f"{root / 'test'} has classes missing from {root / 'train'}: {extra}")
@@ -437,6 +435,17 @@ def _load_folder_tree(root: Path, cache_dir: str | os.PathLike | None) -> tuple[
     train = _load_split_cached(root / "train", classes, class_to_idx, cache)
     test = _load_split_cached(root / "test", classes, class_to_idx, cache)
     return train, test, classes
+
+
+def _find_classes(split_dir: Path) -> tuple[list[str], dict[str, int]]:
+    """The sorted class folders of ``split_dir`` and their indices; none is an error naming the folder."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return find_classes(str(split_dir))
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{split_dir} has no class folders; an image-folder data set needs "
+                                f"{split_dir}/<class>/*.jpg|png|... (one folder per class)") from None
 
 
 def _list_split(split_dir: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:

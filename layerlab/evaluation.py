@@ -101,7 +101,14 @@ class Run:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: is {self.path} a finished layerlab run (checkpoint best or "
                                     f"last)?")
-        return model_from_checkpoint(runs.load_checkpoint(path), device)
+        state = runs.load_checkpoint(path)
+        meta, cfg = state["meta"], self.config
+        if (meta.get("model"), meta.get("width")) != (cfg.model, cfg.width):
+            raise runs.CheckpointError(
+                f"{path} holds a {meta.get('model')} (width {meta.get('width')}) but the run {self.path} is a "
+                f"{cfg.model} (width {cfg.width}): the checkpoint belongs to another run; put this run's own "
+                f"checkpoint back, or retrain it with train --overwrite")
+        return model_from_checkpoint(state, device)
 
     def splits(self, device: torch.device | None = None, data_dir: str | None = None) -> Splits:
         """The data splits the run was trained and evaluated on (``data_dir`` overrides the config's)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,31 @@ def test_the_lock_file_is_removed_after_a_clean_run(tmp_path):
     result = invoke("train", "--out", tmp_path / "run", *TINY_ARGS, "--method", "st")
     assert result.exit_code == 0, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no .run.lock beside it
+
+
+def test_an_empty_image_folder_train_split_names_the_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "test" / "a").mkdir(parents=True)
+    out = tmp_path / "runs" / "run"
+    line = refused(invoke("train", "--out", out, *TINY_ARGS, "--dataset", f"folder:{data}"))
+    assert f"{data / 'train'} has no class folders" in line and "<class>/" in line
+    assert not any(p.is_file() for p in (tmp_path / "runs").rglob("*"))  # no files, no lock file
+
+
+def test_eval_refuses_a_checkpoint_of_another_architecture(st_run, tmp_path):
+    import torch
+
+    from layerlab import runs
+    from layerlab.models import build_model
+
+    run = tmp_path / "ST"
+    shutil.copytree(st_run, run)
+    best = run / "checkpoints" / "best.pt"
+    meta = {**torch.load(best, weights_only=True)["meta"], "model": "preactresnet18"}
+    runs.save_checkpoint(best, build_model("preactresnet18", num_classes=meta["num_classes"], width=meta["width"]),
+                         meta)
+    before = files_under(run)
+    line = refused(invoke("eval", "--run", run, "--n", "16", "--device", "cpu"))
+    assert "holds a preactresnet18" in line and "resnet18" in line and "another run" in line
+    assert files_under(run) == before and not (run / "eval.json").exists()
