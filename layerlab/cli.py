@@ -114,11 +114,12 @@ def train(
 ) -> None:
     """Train one model with one method and write its run directory (on several GPUs under torchrun)."""
     try:
-        base = config.build()
+        saved = trainer.saved_config(out) if resume else None  # resuming: options given must match the run's
+        base = config.build(saved)
         name, method_args, preset_cfg = resolve_method(method or base.method, preset, arg)
-        if method is None and preset is None:  # the config file's method keeps its hyper-parameters
+        if preset is None and name == base.method:  # the config file's (or run's) method keeps its hyper-parameters
             method_args = {**base.method_args, **method_args}
-        cfg = config.build(**preset_cfg, method=name, method_args=method_args)
+        cfg = config.build(saved, **preset_cfg, method=name, method_args=method_args)
         with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
             main = distributed.is_main()
             summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)

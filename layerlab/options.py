@@ -99,10 +99,11 @@ class ConfigArgs:
     file: Path | None
     given: dict[str, Any]
 
-    def build(self, **between: Any) -> TrainConfig:
-        """The profile's config, then the file's values, then ``between`` (e.g. a method preset's config), then
-        the options given on the command line; checked (:meth:`TrainConfig.validate`)."""
-        cfg = make_config(self.profile)
+    def build(self, start: TrainConfig | None = None, **between: Any) -> TrainConfig:
+        """The profile's config (or ``start``, e.g. the config of a run to resume), then the file's values, then
+        ``between`` (e.g. a method preset's config), then the options given on the command line; checked
+        (:meth:`TrainConfig.validate`)."""
+        cfg = make_config(self.profile) if start is None else start
         if self.file is not None:
             cfg = dataclasses.replace(cfg, **read_config_file(self.file))
         return cfg.replace(**between).replace(**self.given).validate()

@@ -280,6 +280,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
                       callbacks=callbacks, splits=splits)
 
 
+def saved_config(out: str | Path) -> TrainConfig | None:
+    """The config run directory ``out`` was trained with (its ``config.json``), or None when it has none."""
+    path = Path(out) / "config.json"
+    return TrainConfig.from_dict(runs.read_json(path)["config"]) if path.is_file() else None
+
+
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, progress: bool,
            stop_after: int | None, callbacks: Iterable[Callback], splits: Splits | None) -> dict[str, Any]:
     """:func:`train` with the run directory locked."""
@@ -289,9 +295,14 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
     progress = progress and main
     if resume:
         last = runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        saved = TrainConfig.from_dict(last["config"]) if "config" in last else None
-        if saved is not None and saved != cfg:
-            cfg = saved  # the run's own config is authoritative when resuming
+        if "config" in last:
+            saved = TrainConfig.from_dict(last["config"])
+            diff = cfg.differences(saved.to_dict())
+            if diff:
+                raise ValueError(f"cannot resume {run_dir}: it was trained with other settings (saved vs given: "
+                                 f"{'; '.join(diff)}); drop those options to continue it as it was, or pass "
+                                 f"--overwrite to start over")
+            cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in TrainConfig.OUTPUT_ONLY})
     s = setup(cfg, splits)
     if cfg.grad_stats and main:
         if not any(isinstance(cb, GradStats) for cb in callbacks):

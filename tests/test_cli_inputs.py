@@ -102,3 +102,21 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(st_run, tmp_path):
     line = refused(invoke("eval", "--run", run, "--n", "16", "--device", "cpu"))
     assert "holds a preactresnet18" in line and "resnet18" in line and "another run" in line
     assert files_under(run) == before and not (run / "eval.json").exists()
+
+
+def test_resume_with_options_that_differ_from_the_run_is_refused(st_run, tmp_path, snapshot_files):
+    run = tmp_path / "ST"
+    shutil.copytree(st_run, run)
+    before = snapshot_files(run)
+    line = refused(invoke("train", "--out", run, "--resume", "--epochs", "3", "--lr", "0.5", "--no-progress"))
+    assert f"cannot resume {run}" in line and "epochs: 1 vs 3" in line and "lr: 0.05 vs 0.5" in line
+    assert "--overwrite" in line
+    assert snapshot_files(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ST"]
+
+
+def test_resume_without_options_continues_with_the_runs_own_settings(st_run, tmp_path):
+    run = tmp_path / "ST"
+    shutil.copytree(st_run, run)
+    result = invoke("train", "--out", run, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "st: natural" in result.stdout
