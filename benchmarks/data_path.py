@@ -107,7 +107,7 @@ def run(ctx: Context, log: Callable[[str], None] = print) -> Result:
     return Result(
         NAME, TITLE, table=table, ratios={target.name: target.value},
         figures={"layerlab_load_s": load_s, "train_images": len(splits.train), "imagefolder_index_s": index_s,
-                 "jpeg_tree": str(tree)},
+                 "jpeg_tree": "$LAYERLAB_DATA/" + str(tree.relative_to(root))},
         targets=[target],
         notes=[f"{s.data_batches} batches of {s.data_batch} per round, device {ctx.device}, torchvision "
                f"num_workers={WORKERS} (persistent), {s.warmup} warm-up + {s.rounds} timed interleaved rounds, "

@@ -165,7 +165,7 @@ def test_data_path_tiny_on_cifar():
     from benchmarks.common import PROFILES, Context
 
     result = data_path.run(Context(PROFILES["tiny"], torch.device("cpu"), 1), log=lambda m: None)
-    assert result.status in ("ok", "missed"), result.skipped
+    assert result.status in ("ok", "missed", "undecided"), result.skipped  # tiny: one round, no interval
     rows = {r["candidate"]: r for r in result.table}
     assert rows["layerlab"]["images"] == rows["torchvision"]["images"] == 2 * 16
     assert result.figures["train_images"] == 50000

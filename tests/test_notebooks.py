@@ -119,7 +119,10 @@ def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp
     assert str(tmp_path / table) in result.output
     # provenance: a manifest per group, the runs' result files beside the figures, the README built from them
     manifest = json.loads((tmp_path / "04_tradeoff" / "manifest.json").read_text())
-    assert manifest["command"].endswith(f"--figures {tmp_path} --only tradeoff")
+    assert manifest["command"].endswith("--runs RUN_ROOT --figures FIGURES --only tradeoff")  # outside the cwd
+    assert str(root) not in (tmp_path / "04_tradeoff" / "manifest.json").read_text()  # no machine path
+    cure_config = (tmp_path / "04_tradeoff" / "data" / "CURE" / "config.json").read_text()
+    assert str(root) not in cure_config and "RUN_ROOT/ST/checkpoints/best.pt" in cure_config
     assert {r["run"] for r in manifest["runs"]} == {"ST", "AT", "TRADES", "AWP", "RWP", "CURE"}
     assert not any(r["trained_in_call"] for r in manifest["runs"]) and manifest["calls"][-1]["training_seconds"] == 0
     assert (tmp_path / "04_tradeoff" / "data" / "CURE" / "eval.json").exists()

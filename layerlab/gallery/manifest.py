@@ -11,6 +11,7 @@ tidy files each figure is drawn from (the runs' JSON, JSONL and CSV results, nev
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import statistics
@@ -200,7 +201,7 @@ def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
     wall = finished.timestamp() - ctx.started
     used = [_run_row(name, d, ctx.started) for name, d in sorted(ctx.used.items())]
     for row in used:
-        row["copied"] = copy_results(Path(row["dir"]), out / DATA_DIR / row["run"])
+        row["copied"] = copy_results(Path(row["dir"]), out / DATA_DIR / row["run"], (str(ctx.root), "RUN_ROOT"))
     for src in extra_sources:
         if src.is_file():
             (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
@@ -219,8 +220,8 @@ def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
     data_root = ctx.data_dir or os.environ.get("LAYERLAB_DATA")
     manifest = {
         "group": group.folder, "key": key, "notebook": f"notebooks/{group.notebook}",
-        "command": ((f"LAYERLAB_DATA={data_root} " if data_root and ctx.cfg.dataset != "digits" else "")
-                    + f"layerlab reproduce --profile {ctx.profile} --runs {ctx.root} --figures {ctx.figures} "
+        "command": (("LAYERLAB_DATA=$LAYERLAB_DATA " if data_root and ctx.cfg.dataset != "digits" else "")
+                    + f"layerlab reproduce --profile {ctx.profile} --runs RUN_ROOT --figures {_figures_arg(ctx)} "
                       f"--only {key}"),
         "profile": ctx.profile, "data": describe_data(ctx.cfg.dataset, ctx.data_dir),
         "seeds": {"training": ctx.cfg.seed, "evaluation_and_analysis": 0},
@@ -228,8 +229,26 @@ def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
         "runs": used, "shared_analyses": shared, "calls": calls, "differences_from_paper": paper_differences(ctx),
         "figure_settings": _jsonable(asdict(ctx.s)), "environment": env,
     }
-    runs.write_json(path, manifest)
+    runs.write_json(path, json.loads(portable(json.dumps(manifest), ctx)))
     return path
+
+
+def portable(text: str, ctx: Context) -> str:
+    """``text`` without this machine's paths: the run root becomes ``RUN_ROOT``, the data root
+    ``$LAYERLAB_DATA`` and the figures directory its path relative to the working directory."""
+    data_root = ctx.data_dir or os.environ.get("LAYERLAB_DATA")
+    for path, token in ((ctx.root, "RUN_ROOT"), (data_root, "$LAYERLAB_DATA"), (ctx.figures, _figures_arg(ctx))):
+        if path:
+            text = text.replace(str(Path(path).resolve()), token).replace(str(path), token)
+    return text
+
+
+def _figures_arg(ctx: Context) -> str:
+    """The figures directory as the command line gives it: relative to the working directory when inside it."""
+    try:
+        return str(Path(ctx.figures).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return "FIGURES"
 
 
 def _threads() -> int:
