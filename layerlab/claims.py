@@ -56,11 +56,21 @@ class Estimate:
         return f"{self.mean:.1f}{spread} (n={self.n})"
 
 
+# NRR metrics computed per run from two of its columns: (natural, robust)
+NRR_METRICS = {"last_nrr": ("last_natural", "last_robust"), "best_nrr": ("best_natural", "best_robust"),
+               "last_worst_nrr": ("last_natural", "last_worst"), "best_worst_nrr": ("best_natural", "best_worst")}
+# a robust metric on the worst case over the evaluation's attacks -> the same on PGD-20 (shown beside it)
+PGD_OF = {"last_worst": "last_robust", "best_worst": "best_robust", "last_worst_nrr": "last_nrr",
+          "best_worst_nrr": "best_nrr", "best_minus_last_worst": "best_minus_last_robust"}
+METRIC_NAMES = {"last_natural": "natural, last", "last_robust": "PGD-20, last", "last_worst": "worst case, last",
+                "last_nrr": "NRR (PGD-20), last", "last_worst_nrr": "NRR (worst case), last",
+                "best_minus_last_worst": "worst case best - last", "best_minus_last_robust": "PGD-20 best - last"}
+
+
 def metric_value(row: dict[str, Any], metric: str) -> float | None:
-    """A run row's value of ``metric``; ``last_nrr`` / ``best_nrr`` are computed from the row's accuracies."""
-    if metric.endswith("_nrr"):
-        kind = metric[: -len("_nrr")]
-        nat, rob = row.get(f"{kind}_natural"), row.get(f"{kind}_robust")
+    """A run row's value of ``metric``; NRR metrics (:data:`NRR_METRICS`) are computed from the row's accuracies."""
+    if metric in NRR_METRICS:
+        nat, rob = (row.get(c) for c in NRR_METRICS[metric])
         return None if nat in (None, "") or rob in (None, "") else nrr(float(nat), float(rob))
     value = row.get(metric)
     return None if value in (None, "") else float(value)
@@ -92,7 +102,7 @@ class Claim:
     metric: str
     groups: tuple[str, ...]
     value: float | None = None
-    published: str = ""
+    published: tuple[tuple[str, str, str], ...] = ()  # (reference table, row, column) per group, as printed
 
     def check(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The claim's verdict on ``rows``, with the estimates it read."""
@@ -116,53 +126,114 @@ class Claim:
         else:
             raise ValueError(f"unknown claim kind {self.kind!r}")
         ours = "; ".join(f"{g}: {e if e is not None else 'no runs'}" for g, e in zip(self.groups, est))
-        return {"claim": self.key, "paper": self.paper, "text": self.text, "published": self.published,
-                "metric": self.metric, "ours": ours, "verdict": verdict}
+        pgd = PGD_OF.get(self.metric)
+        beside = ("; ".join(f"{g}: {e if e is not None else 'no runs'}"
+                            for g in self.groups for e in [estimate(rows, g, pgd)]) if pgd else "")
+        return {"claim": self.key, "paper": self.paper, "text": self.text, "published": published_values(self),
+                "metric": self.metric, "ours": ours, "pgd20": beside, "verdict": verdict}
 
 
+def published_values(claim: Claim) -> str:
+    """The paper's printed numbers a claim compares (from :mod:`layerlab.gallery.reference`), or "-"."""
+    from layerlab.gallery.reference import TABLES  # the gallery's reference tables (pandas)
+
+    values = []
+    for table, row, column in claim.published:
+        values.append(f"{row} {TABLES[table].rows[row][column]:.2f}")
+    return f"{', '.join(values)} ({TABLES[claim.published[0][0]].source.split(',')[0]})" if values else "-"
+
+
+_TABLE1_NRR = (("tradeoff", "CURE", "nrr_cw"), ("tradeoff", "TRADES", "nrr_cw"))
 CLAIMS: tuple[Claim, ...] = (
-    Claim("cure-nrr-over-trades", "CURE", "CURE has a better natural-robust trade-off (NRR) than TRADES (Table 1)",
-          "greater", "last_nrr", ("CURE", "TRADES")),
-    Claim("cure-code-nrr-over-trades", "CURE", "CURE run as the released code runs it has a higher NRR than TRADES",
-          "greater", "last_nrr", ("CURE-code", "TRADES")),
-    Claim("cure-beats-trades-from-st", "CURE", "CURE beats TRADES (beta 6) started from the same ST model (Table 5)",
-          "greater", "last_nrr", ("CURE", "TRADES-b6-fromST")),
+    Claim("cure-nrr-over-trades", "CURE", "CURE (paper text) has a better natural-robust trade-off (NRR) than "
+          "TRADES (Table 1)", "greater", "last_worst_nrr", ("CURE", "TRADES"), published=_TABLE1_NRR),
+    Claim("cure-code-nrr-over-trades", "CURE", "CURE as the released code runs it has a higher NRR than TRADES "
+          "(Table 1)", "greater", "last_worst_nrr", ("CURE-code", "TRADES"), published=_TABLE1_NRR),
+    Claim("cure-beats-trades-from-st", "CURE", "CURE (paper text) has a higher NRR than TRADES (beta 6) started "
+          "from the same ST model (Table 5)", "greater", "last_worst_nrr", ("CURE", "TRADES-b6-fromST")),
+    Claim("cure-code-beats-trades-from-st", "CURE", "CURE as the released code runs it has a higher NRR than "
+          "TRADES (beta 5, its KL weight) from the same ST model", "greater", "last_worst_nrr",
+          ("CURE-code", "TRADES-b5-fromST")),
     Claim("u23-natural-over-sat", "CURE", "U-23 is more accurate than SAT on natural images (Fig. 2b)",
           "greater", "last_natural", ("U-23", "AT")),
-    Claim("u23-robust-over-sat", "CURE", "U-23 is more robust than SAT (Fig. 2b)", "greater", "last_robust",
+    Claim("u23-robust-over-sat", "CURE", "U-23 is more robust than SAT (Fig. 2b)", "greater", "last_worst",
           ("U-23", "AT")),
-    Claim("u23-code-robust-over-sat", "CURE", "U-23 as the released code freezes is more robust than SAT",
-          "greater", "last_robust", ("U-23-code", "AT")),
+    Claim("u23-code-natural-over-sat", "CURE", "U-23, frozen as the released code freezes, is more accurate than "
+          "SAT on natural images", "greater", "last_natural", ("U-23-code", "AT")),
+    Claim("u23-code-robust-over-sat", "CURE", "U-23, frozen as the released code freezes, is more robust than SAT",
+          "greater", "last_worst", ("U-23-code", "AT")),
 )
 
 
 def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Per-run rows from ``NAME-runs.csv`` files (missing files are skipped)."""
-    rows: list[dict[str, Any]] = []
+    """Per-run rows from ``NAME-runs.csv`` files (missing files are skipped; a run that several experiments
+    share, such as AT, counts once)."""
+    rows: dict[str, dict[str, Any]] = {}
     for path in paths:
         if Path(path).exists():
             with open(path, newline="") as fh:
-                rows += list(csv.DictReader(fh))
-    return rows
+                for row in csv.DictReader(fh):
+                    rows.setdefault(row.get("run") or f"{path}:{len(rows)}", row)
+    return list(rows.values())
 
 
 def claims_table(rows: Sequence[dict[str, Any]], claims: Sequence[Claim] = CLAIMS) -> str:
-    """A Markdown table: claim | paper | ours (mean ± std, n) | verdict."""
-    lines = ["| claim | paper | ours (mean ± std, n seeds) | verdict |", "|---|---|---|---|"]
+    """A Markdown table: claim | paper's numbers | ours (mean ± std, n seeds), PGD-20 beside | verdict."""
+    lines = ["| claim | paper's numbers | ours: mean ± std (n seeds) | PGD-20 (upper bound) | verdict |",
+             "|---|---|---|---|---|"]
     for claim in claims:
         r = claim.check(rows)
-        lines.append(f"| {r['text']} | {r['paper']} {r['published']} | {r['metric']}: {r['ours']} | {r['verdict']} |")
+        metric = METRIC_NAMES.get(r["metric"], r["metric"])
+        lines.append(f"| {r['text']} | {r['published']} | {metric}: {r['ours']} | {r['pgd20'] or '-'} | "
+                     f"**{r['verdict']}** |")
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- claims: begin -->", "<!-- claims: end -->"
+
+
+def readme_section(results: str | Path, rows: Sequence[dict[str, Any]]) -> str:
+    """The claims section of ``figures/README.md`` (between :data:`BEGIN` and :data:`END`)."""
+    return "\n".join([
+        BEGIN, "## The papers' claims at this scale", "",
+        f"Computed by `python -m layerlab.claims {results} --readme figures/README.md` from the per-run results in "
+        f"`{results}/*-runs.csv` (written by `python -m layerlab.experiments summarize`). A verdict compares 95% "
+        f"Student-t intervals of the group means over training seeds: **reproduced** when they separate in the "
+        f"paper's direction, **not reproduced** when they separate the other way, **inconclusive** when they "
+        f"overlap or a group has fewer than {MIN_SEEDS} seeds. Robust accuracy is the point-wise worst case over "
+        f"PGD-20, CW-100 and AutoAttack's APGD-CE + APGD-T on the first 1,000 test images at the last checkpoint; "
+        f"PGD-20 alone is shown beside it. Nothing in this table is typed by hand.", "",
+        claims_table(rows), END])
+
+
+def update_readme(path: str | Path, section: str) -> None:
+    """Replace the claims section of the README at ``path``, or put it after the README's first paragraph."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        parts = text.split("\n\n", 2)
+        text = "\n\n".join(parts[:2] + [section] + parts[2:]) if len(parts) > 2 else text + "\n" + section + "\n"
+    path.write_text(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m layerlab.claims DIR``: the claims table from ``DIR/*-runs.csv`` to standard output."""
+    """``python -m layerlab.claims DIR``: the claims table from ``DIR/*-runs.csv`` (to standard output, or into
+    a README's claims section with ``--readme``)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m layerlab.claims", description=main.__doc__)
     parser.add_argument("results", help="directory of NAME-runs.csv files (e.g. results/experiments)")
+    parser.add_argument("--readme", default=None, help="write the table into this README's claims section")
     args = parser.parse_args(argv)
-    print(claims_table(read_rows(sorted(Path(args.results).glob("*-runs.csv")))), end="")
+    rows = read_rows(sorted(Path(args.results).glob("*-runs.csv")))
+    if args.readme:
+        update_readme(args.readme, readme_section(Path(args.results).as_posix(), rows))
+        print(f"wrote the claims section of {args.readme}")
+    else:
+        print(claims_table(rows), end="")
     return 0
 
 

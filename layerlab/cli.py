@@ -22,7 +22,7 @@ from layerlab.analysis.curves import write_curves
 from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
 from layerlab.analysis.minimum import minpert_runs
 from layerlab.config import ST_EPOCHS
-from layerlab.evaluation import DEFAULT_SWEEP_255, evaluate_run
+from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evaluate_run
 from layerlab.gallery import GROUPS
 from layerlab.gallery import reproduce as run_all
 from layerlab.methods import METHODS, PRESETS, resolve_method
@@ -169,8 +169,7 @@ def freeze_study(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Option(..., "--run", help="run directory"),
-    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: natural, fgsm, pgd20, pgd100, "
-                                "pgd20-l2, pgd100-l2, cw100, aa, aa-l2, eps-sweep, or all"),
+    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP),
     checkpoint: str = typer.Option("best", help="best or last"),
     n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
     batch_size: int = typer.Option(256, help="evaluation batch size"),
@@ -180,7 +179,8 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
-    """Evaluate a run's model under attacks; writes RUN/eval.json (and RUN/eps_sweep.png for eps-sweep)."""
+    """Evaluate a run's model under attacks; writes RUN/eval.json (RUN/eval-last.json for the last checkpoint; and
+    RUN/eps_sweep.png for eps-sweep)."""
     try:
         sweep = [float(e) for e in eps_sweep.split(",") if e.strip()]
         report = evaluate_run(run, [a.strip() for a in attacks.split(",") if a.strip()], checkpoint=checkpoint,
@@ -197,11 +197,12 @@ def eval_cmd(
     if "eps_sweep" in report:
         points = report["eps_sweep"]["points"]
         typer.echo("eps-sweep   " + "  ".join(f"{p['eps_255']:g}:{p['accuracy']:.1f}" for p in points))
-        typer.echo(f"wrote {plot_eps_sweep({run.name: run / 'eval.json'}, run / 'eps_sweep.png')}")
+        typer.echo(f"wrote {plot_eps_sweep({run.name: run / eval_file(checkpoint)}, run / 'eps_sweep.png')}")
     if not report["checks"]["passed"]:
-        typer.echo("WARNING: sanity checks failed (see 'checks' in eval.json); do not trust these numbers", err=True)
+        typer.echo(f"WARNING: sanity checks failed (see 'checks' in {eval_file(checkpoint)}); do not trust these "
+                   "numbers", err=True)
     status = "passed" if report["checks"]["passed"] else "FAILED"
-    typer.echo(f"wrote {run / 'eval.json'} (n={report['n']}, sanity checks {status})")
+    typer.echo(f"wrote {run / eval_file(checkpoint)} (n={report['n']}, sanity checks {status})")
 
 
 @app.command()

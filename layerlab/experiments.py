@@ -22,10 +22,17 @@ from typing import Any, Callable, Iterable
 
 from layerlab import records, runs
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
+from layerlab.evaluation import eval_file, evaluate_run
 from layerlab.methods.cure import CODE_ARGS
 from layerlab.train import train
 
 SEEDS = (0, 1, 2)
+# Every finished run of an experiment is evaluated on the first EVAL_N test images. The robust number a claim
+# reads is the point-wise worst case over these attacks; full AutoAttack (``aa``) is added for AA_SEEDS, which
+# measures how far that worst case is from AutoAttack's.
+EVAL_N = 1000
+EVAL_ATTACKS = ("natural", "pgd20", "cw100", "aa-apgd")
+AA_SEEDS = (0,)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,11 @@ class Experiment:
     question: str
     profile: str
     specs: tuple[RunSpec, ...]
+    checkpoints: tuple[str, ...] = ("last",)  # the checkpoints evaluated under EVAL_ATTACKS
+
+    def attacks(self, run_name: str) -> tuple[str, ...]:
+        """The attacks a run of this experiment is evaluated under."""
+        return EVAL_ATTACKS + (("aa",) if seed_of(run_name) in AA_SEEDS else ())
 
 
 def seeded(name: str, seeds: Iterable[int] = SEEDS, init: str | None = None, **changes: Any) -> list[RunSpec]:
@@ -121,7 +133,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                    _freeze_variants()),
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
-                   _overfit_pilot()),
+                   _overfit_pilot(), checkpoints=("best", "last")),
     )
 }
 
@@ -139,6 +151,45 @@ def base_config(profile: str) -> TrainConfig:
 
 def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists()
+
+
+def missing_attacks(run_dir: Path, attacks: Iterable[str], checkpoint: str) -> list[str]:
+    """The ``attacks`` that ``run_dir``'s evaluation of ``checkpoint`` on EVAL_N test images does not hold yet."""
+    path = run_dir / eval_file(checkpoint)
+    done = runs.read_json(path) if path.exists() else {}
+    have = set(done.get("results", {})) if done.get("n") == EVAL_N else set()
+    return [a for a in attacks if a not in have]
+
+
+def evaluate_experiment(name: str, root: str | Path, *, only: Iterable[str] | None = None, progress: bool = False,
+                        log: Callable[[str], None] = print) -> list[str]:
+    """Evaluate every finished run of ``name`` (``only``: these) under its attacks, adding only missing ones;
+    a record without checkpoints is retrained first. Safe in several processes at once; returns what this one
+    evaluated (``RUN:CHECKPOINT``)."""
+    exp = experiment(name)
+    root = Path(root).expanduser().resolve()
+    wanted = set(only) if only else None
+    done: list[str] = []
+    # every run's worst case first, then the (slower) full AutoAttack checks
+    passes = [(spec, ckpt, EVAL_ATTACKS) for spec in exp.specs for ckpt in exp.checkpoints]
+    passes += [(spec, ckpt, exp.attacks(spec.name)) for spec in exp.specs for ckpt in exp.checkpoints]
+    for spec, checkpoint, attacks in passes:
+        run_dir = root / spec.name
+        if (wanted is not None and spec.name not in wanted) or not finished(run_dir):
+            continue
+        if not missing_attacks(run_dir, attacks, checkpoint) or runs.is_locked(run_dir):
+            continue
+        try:
+            records.materialize(run_dir, progress=progress, log=log)
+            with runs.run_lock(run_dir):
+                todo = missing_attacks(run_dir, attacks, checkpoint)
+                if todo:
+                    log(f"[{name}] evaluating {spec.name} ({checkpoint}): {', '.join(todo)} on {EVAL_N} images")
+                    evaluate_run(run_dir, todo, checkpoint=checkpoint, n=EVAL_N, seed=0)
+                    done.append(f"{spec.name}:{checkpoint}")
+        except runs.RunDirBusyError:
+            continue  # another process holds it
+    return done
 
 
 def run_experiment(name: str, root: str | Path, *, progress: bool = False, only: Iterable[str] | None = None,
@@ -183,6 +234,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     summary = runs.read_json(run_dir / "summary.json")
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
     best = summary.get("best", {})
+    evals = {ckpt: eval_row(run_dir, ckpt) for ckpt in ("last", "best")}
     return {"run": run_dir.name, "group": group_of(run_dir.name), "seed": summary.get("seed", seed_of(run_dir.name)),
             "n_test": summary.get("n_test"), "last_natural": summary["natural_acc"], "last_robust": summary["robust_acc"],
             "best_epoch": summary.get("best_epoch"), "best_natural": best.get("natural_acc"),
@@ -190,11 +242,27 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "best_minus_last_robust": (None if best.get("robust_acc") is None
                                        else round(best["robust_acc"] - summary["robust_acc"], 2)),
             "train_adv_acc_last": metrics[-1].get("train_acc") if metrics else None,
+            **{f"{ckpt}_{key}": value for ckpt, ev in evals.items() for key, value in ev.items()},
+            "best_minus_last_worst": (None if None in (evals["best"]["worst"], evals["last"]["worst"])
+                                      else round(evals["best"]["worst"] - evals["last"]["worst"], 2)),
             "hours": round(summary.get("seconds", 0.0) / 3600, 3)}
 
 
-SUMMARY_COLUMNS = ("last_natural", "last_robust", "best_natural", "best_robust", "best_minus_last_robust",
-                   "train_adv_acc_last")
+def eval_row(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """A checkpoint's evaluation on EVAL_N images: the worst case over EVAL_ATTACKS (None until all of them
+    ran) and full AutoAttack where it ran."""
+    path = run_dir / eval_file(checkpoint)
+    report = runs.read_json(path) if path.exists() else {}
+    results = report.get("results", {}) if report.get("n") == EVAL_N else {}
+    worst = None
+    if all(a in results for a in EVAL_ATTACKS):  # the point-wise worst case over exactly these attacks
+        hits = [results[a]["correct"] for a in EVAL_ATTACKS]
+        worst = round(100.0 * sum(all(h[i] == "1" for h in hits) for i in range(EVAL_N)) / EVAL_N, 2)
+    return {"worst": worst, "aa": results.get("aa", {}).get("accuracy")}
+
+
+SUMMARY_COLUMNS = ("last_natural", "last_robust", "last_worst", "last_aa", "best_natural", "best_robust",
+                   "best_worst", "best_minus_last_robust", "best_minus_last_worst", "train_adv_acc_last")
 
 
 def summarize(name: str, root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -243,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runs", required=True, help="run root (outside the repository)")
     run.add_argument("--only", default=None, help="comma-separated run names")
     run.add_argument("--progress", action="store_true")
+    run.add_argument("--no-eval", action="store_true", help="train only (by default the finished runs are then "
+                     f"evaluated: {', '.join(EVAL_ATTACKS)} on {EVAL_N} test images, + full AutoAttack for seeds "
+                     f"{', '.join(map(str, AA_SEEDS))})")
+    ev = sub.add_parser("evaluate", help="evaluate the experiment's finished runs (only missing attacks)")
+    ev.add_argument("name", choices=sorted(EXPERIMENTS))
+    ev.add_argument("--runs", required=True, help="run root")
+    ev.add_argument("--only", default=None, help="comma-separated run names")
+    ev.add_argument("--progress", action="store_true")
+    ev.set_defaults(no_eval=False)
     sub.add_parser("list", help="the experiments and their runs")
     summ = sub.add_parser("summarize", help="per-run and per-group (mean, std over seeds) CSVs of the finished runs")
     summ.add_argument("name", choices=sorted(EXPERIMENTS))
@@ -261,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    run_experiment(args.name, args.runs, progress=args.progress, only=only)
+    if args.command == "run":
+        run_experiment(args.name, args.runs, progress=args.progress, only=only)
+    if args.command == "evaluate" or not args.no_eval:
+        evaluate_experiment(args.name, args.runs, progress=args.progress, only=only)
     return 0
 
 

@@ -125,6 +125,13 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     run_dir = Path(run_dir)
     if not is_record(run_dir):
         return {}
+    # one process retrains a record (others get RunDirBusyError); the record is checked again under the lock
+    with runs.run_lock(run_dir.with_name(run_dir.name + ASIDE)):
+        return _materialize(run_dir, progress=progress, log=log) if is_record(run_dir) else {}
+
+
+def _materialize(run_dir: Path, *, progress: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """:func:`materialize` under its lock."""
     cfg = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["config"])
     materialize_init(cfg.init, progress=progress, log=log)
     aside = run_dir.with_name(run_dir.name + ASIDE)

@@ -6,6 +6,9 @@ import pytest
 from scipy import stats
 
 from layerlab.claims import (
+    BEGIN,
+    CLAIMS,
+    END,
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -14,6 +17,8 @@ from layerlab.claims import (
     claims_table,
     estimate,
     read_rows,
+    readme_section,
+    update_readme,
 )
 from layerlab.train import nrr
 
@@ -63,5 +68,51 @@ def test_nrr_is_computed_per_run_from_its_accuracies(tmp_path) -> None:
     e = estimate(rows, "A", "last_nrr")
     assert e.n == 2 and e.mean == pytest.approx((nrr(60, 20) + nrr(50, 30)) / 2)
     table = claims_table(rows, [GREATER])
-    assert table.splitlines()[2].endswith("| inconclusive |")
+    assert table.splitlines()[2].endswith("| **inconclusive** |")
     assert "A: 25.0 ± 7.1 (n=2); B: no runs" in table
+
+
+def test_a_run_shared_by_two_experiments_counts_once_and_worst_case_nrr_uses_the_worst_column(tmp_path) -> None:
+    a, b = tmp_path / "a-runs.csv", tmp_path / "b-runs.csv"
+    header = "run,group,seed,last_natural,last_robust,last_worst\n"
+    a.write_text(header + "AT,AT,0,40,26,24\n")
+    b.write_text(header + "AT,AT,0,40,26,24\nAT-s1,AT,1,42,25,23\n")
+    rows = read_rows([a, b])
+    assert estimate(rows, "AT", "last_robust").n == 2
+    assert estimate(rows, "AT", "last_worst_nrr").mean == pytest.approx((nrr(40, 24) + nrr(42, 23)) / 2)
+    worst = Claim("w", "X", "A more robust", "greater", "last_worst", ("AT", "B"))
+    assert "AT: 25.5 ± 0.7 (n=2)" in worst.check(rows)["pgd20"]  # PGD-20 is reported beside the worst case
+
+
+def test_the_readme_section_is_replaced_in_place(tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n\n## group 1\n")
+    rows = _rows("A", [50, 51, 52]) + _rows("B", [40, 41, 42])
+    update_readme(readme, readme_section("results", rows))
+    first = readme.read_text()
+    assert first.index("intro") < first.index(BEGIN) < first.index(END) < first.index("## group 1")
+    update_readme(readme, readme_section("results", rows))
+    assert readme.read_text() == first
+
+
+def test_the_committed_claims_table_is_the_one_the_committed_results_give() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "figures" / "README.md").read_text()
+    committed = text[text.index(BEGIN): text.index(END) + len(END)]
+    rows = read_rows(sorted((root / "results" / "experiments").glob("*-runs.csv")))
+    assert committed == readme_section("results/experiments", rows), (
+        "figures/README.md's claims are stale: python -m layerlab.claims results/experiments --readme figures/README.md")
+    assert len(CLAIMS) == committed.count("| **")
+
+
+def test_rewriting_the_gallery_readme_keeps_the_claims_section(tmp_path) -> None:
+    from layerlab.gallery import write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# old\n\nintro\n\nold body\n")
+    section = readme_section("results", _rows("A", [50, 51, 52]))
+    update_readme(readme, section)
+    text = write_readme(tmp_path).read_text()
+    assert section in text and "old body" not in text

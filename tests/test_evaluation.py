@@ -136,6 +136,17 @@ def test_autoattack_is_at_most_pgd(tiny, digits):
     assert report["checks"]["attacks"]["aa"]["bounds"]["max_norm"] <= eps + 1e-5
 
 
+def test_aa_apgd_is_autoattack_standard_without_fab_and_square(tiny, digits):
+    pytest.importorskip("pyautoattack")
+    _, _, x, y = digits
+    eps = 48 / 255
+    attack = ev._autoattack(tiny, ev.parse_attack("aa-apgd", eps), 0, torch.device("cpu"))
+    assert attack.attacks_to_run == ["apgd-ce", "apgd-t"]
+    assert attack.apgd.n_restarts == 1 and attack.apgd_targeted.n_target_classes == 9  # standard's settings
+    res = ev.evaluate_model(tiny, x[:16], y[:16], ["aa-apgd", "aa"], eps=eps, seed=0)["results"]
+    assert res["aa"]["accuracy"] <= res["aa-apgd"]["accuracy"]  # the same first two attacks, then more
+
+
 def test_missing_autoattack_gives_install_hint(tiny, digits, monkeypatch):
     _, _, x, y = digits
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # import now raises ImportError

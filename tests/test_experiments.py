@@ -62,3 +62,28 @@ def test_a_recorded_dependency_is_retrained_before_its_dependents(tmp_path, tiny
     assert (second / "AT-fromST" / "summary.json").exists() and not (second / "AT-fromST-s1").exists()
     with pytest.raises(ValueError, match="has no runs"):
         ex.run_experiment("tiny", second, only=["AT-fromST-s9"], log=lambda _: None)
+
+
+def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_path, tiny_experiment, monkeypatch):
+    monkeypatch.setattr(ex, "EVAL_N", 20)
+    monkeypatch.setattr(ex, "EVAL_ATTACKS", ("natural", "pgd3", "cw3"))
+    monkeypatch.setattr(ex, "AA_SEEDS", (1,))  # seed 1 also gets full AutoAttack, after every worst case
+    root = tmp_path / "root"
+    ex.run_experiment("tiny", root, log=lambda _: None)
+    assert ex.evaluate_experiment("tiny", root, log=lambda _: None) == [
+        "ST:last", "AT-fromST:last", "AT-fromST-s1:last", "AT-fromST-s1:last"]
+    assert "aa" in runs.read_json(root / "AT-fromST-s1" / "eval-last.json")["results"]
+    assert ex.evaluate_experiment("tiny", root, log=lambda _: None) == []  # nothing is evaluated twice
+    run = root / "AT-fromST"
+    assert not (run / "eval.json").exists()  # the last checkpoint's evaluation leaves the best one's alone
+    report = runs.read_json(run / "eval-last.json")
+    assert report["checkpoint"] == "last" and report["n"] == 20
+    hits = [report["results"][a]["correct"] for a in ("natural", "pgd3", "cw3")]
+    robust = sum(all(h[i] == "1" for h in hits) for i in range(20))
+    row = ex.run_row(run)
+    assert row["last_worst"] == pytest.approx(100 * robust / 20)
+    assert row["last_worst"] <= min(report["results"][a]["accuracy"] for a in ("pgd3", "cw3"))
+    assert row["best_worst"] is None and row["best_minus_last_worst"] is None
+    monkeypatch.setattr(ex, "EVAL_ATTACKS", ("natural", "pgd3", "cw3", "fgsm"))  # a new attack: only it runs
+    assert ex.evaluate_experiment("tiny", root, only=["AT-fromST"], log=lambda _: None) == ["AT-fromST:last"]
+    assert set(runs.read_json(run / "eval-last.json")["results"]) == {"natural", "pgd3", "cw3", "fgsm"}

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from layerlab import runs
+from layerlab import claims, runs
 from layerlab.gallery.figures import DRAW
 from layerlab.gallery.reference import comparison_table, markdown_table
 from layerlab.gallery.settings import (
@@ -376,5 +376,8 @@ def write_readme(figures: str | Path) -> Path:
     for m in manifests:
         lines += _group_section(m, figures)
     path = figures / "README.md"
+    old = path.read_text() if path.exists() else ""
     path.write_text("\n".join(lines))
+    if claims.BEGIN in old and claims.END in old:  # the claims section is computed elsewhere (layerlab.claims)
+        claims.update_readme(path, old[old.index(claims.BEGIN): old.index(claims.END) + len(claims.END)])
     return path
