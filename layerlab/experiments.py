@@ -14,6 +14,8 @@ Run names carry the training seed as ``-sN``; a name without it is seed 0, so th
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from layerlab import records, runs
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.evaluation import eval_file, evaluate_run
 from layerlab.methods.cure import CODE_ARGS
+from layerlab.methods import METHODS
+from layerlab.methods.perturbation import C_MIN
 from layerlab.train import train
 
 SEEDS = (0, 1, 2)
@@ -85,21 +89,36 @@ def group_of(run_name: str) -> str:
 _ST = RunSpec("ST", {"method": "st", "epochs": ST_EPOCHS["cpu"]})
 
 
+def seed_major(groups: Iterable[list[RunSpec]]) -> list[RunSpec]:
+    """Seed 0 of every group first, then seed 1, then seed 2: a partial experiment still compares all groups."""
+    groups = list(groups)
+    return [spec for s in SEEDS for group in groups for spec in group if spec.changes["seed"] == s]
+
+
+# Runs that several experiments share (one name, one config: a finished run serves them all).
+def _at() -> list[RunSpec]:
+    return seeded("AT", method="at")
+
+
+def _trades() -> list[RunSpec]:
+    return seeded("TRADES", method="trades")
+
+
+def _cure(name: str = "CURE", **method_args: Any) -> list[RunSpec]:
+    """CURE from the ST model; without ``method_args`` the paper-text defaults (the gallery's ``CURE``)."""
+    return seeded(name, method="cure", init="ST", **({"method_args": method_args} if method_args else {}))
+
+
+def _trades_from_st(beta: float) -> list[RunSpec]:
+    return seeded(f"TRADES-b{beta:g}-fromST", method="trades", method_args={"beta": beta}, init="ST")
+
+
 def _cure_decision() -> tuple[RunSpec, ...]:
     """CURE as the paper's text vs the released code, against baselines from the same ST model (issue-level
     question: why the miniature's CURE stays near ST)."""
-    order = [
-        seeded("CURE-code", method="cure", method_args=dict(CODE_ARGS), init="ST"),
-        seeded("CURE-d0.98-rconst", method="cure", method_args={"d": 0.98, "r_decay": "none"}, init="ST"),
-        seeded("TRADES-b5-fromST", method="trades", method_args={"beta": 5.0}, init="ST"),
-        seeded("CURE", method="cure", init="ST"),
-        seeded("TRADES-b6-fromST", method="trades", method_args={"beta": 6.0}, init="ST"),
-        seeded("AT", method="at"),
-        seeded("TRADES", method="trades"),
-    ]
-    # seed 0 of every variant first, then seed 1, then seed 2: a partial experiment still compares all
-    by_seed = [spec for s in SEEDS for group in order for spec in group if spec.changes["seed"] == s]
-    return (_ST, *by_seed)
+    order = [_cure("CURE-code", **CODE_ARGS), _cure("CURE-d0.98-rconst", d=0.98, r_decay="none"), _trades_from_st(5.0),
+             _cure(), _trades_from_st(6.0), _at(), _trades()]
+    return (_ST, *seed_major(order))
 
 
 def _overfit_pilot() -> tuple[RunSpec, ...]:
@@ -117,11 +136,75 @@ CODE_FREEZE = {"train_stem": True, "frozen_bn": "adapt"}  # how the released cod
 def _freeze_variants() -> tuple[RunSpec, ...]:
     """The freeze study as the paper's text reads (stem with block1, frozen statistics fixed) and as the released
     code runs it (stem always trained, frozen statistics adapting), against SAT (= AT)."""
-    order = [seeded("AT", method="at")]
+    order = [_at()]
     for spec in FREEZE_SPECS:
         order.append(seeded(f"U-{spec}", method="at", update=spec, init="ST"))
         order.append(seeded(f"U-{spec}-code", method="at", update=spec, init="ST", **CODE_FREEZE))
-    return (_ST, *[spec for s in SEEDS for group in order for spec in group if spec.changes["seed"] == s])
+    return (_ST, *seed_major(order))
+
+
+# RWP Fig. 1a: AWP's weight-perturbation size as multiples of AWP_GAMMA0 (0 = AT; 2 x = AWP's default 0.01, the
+# gallery's ``AWP`` run). Fig. 1c: AWP generated from the examples of one LSC loss range each.
+AWP_GAMMA0 = 5e-3
+AWP_DEFAULT_GAMMA = inspect.signature(METHODS["awp"][0]).parameters["gamma"].default
+AWP_GAMMA_MULTIPLES = (0.5, 1, 2, 4, 8)
+AWP_LOSS_RANGES = ((0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, math.inf))
+
+
+def _awp(gamma: float | None = None, loss_range: tuple[float, float] | None = None) -> list[RunSpec]:
+    """AT-AWP: the default (``AWP``), another ``gamma`` (``AWP-gG``) or one loss range (``AWP-lossLO-HI``)."""
+    if loss_range is not None:
+        lo, hi = loss_range
+        args = {"loss_lo": lo, **({} if math.isinf(hi) else {"loss_hi": hi})}
+        return seeded(f"AWP-loss{lo:g}-{hi:g}", method="awp", method_args=args)
+    if gamma is None or gamma == AWP_DEFAULT_GAMMA:
+        return seeded("AWP", method="awp")
+    return seeded(f"AWP-g{gamma:g}", method="awp", method_args={"gamma": gamma})
+
+
+def _awp_gamma() -> tuple[RunSpec, ...]:
+    """RWP Fig. 1a: AWP's best robust accuracy against its weight-perturbation size, 0 (AT) to 8 x AWP_GAMMA0."""
+    return tuple(seed_major([_at(), *(_awp(round(m * AWP_GAMMA0, 10)) for m in AWP_GAMMA_MULTIPLES)]))
+
+
+def _awp_loss_ranges() -> tuple[RunSpec, ...]:
+    """RWP Fig. 1c: AWP (gamma 0.01) generated only from the examples whose adversarial loss lies in one range,
+    against AT and AWP on every example."""
+    return tuple(seed_major([_at(), _awp(), *(_awp(loss_range=r) for r in AWP_LOSS_RANGES)]))
+
+
+def _lsc_removal() -> tuple[RunSpec, ...]:
+    """RWP appendix: AT without the examples below the LSC value (per-epoch removal rate), against AT and RWP."""
+    return tuple(seed_major([_at(), seeded("AT-remove", method="at-remove", method_args={"c_min": C_MIN}),
+                             seeded("RWP", method="rwp")]))
+
+
+def _cure_eff() -> tuple[RunSpec, ...]:
+    """CURE Table 4: CURE^Eff (natural warm-up, then CURE, no ST model) beside CURE from the ST model, as the
+    paper's text and as the released code runs it."""
+    order = [seeded("CURE-eff", method="cure-eff"), seeded("CURE-eff-code", method="cure-eff", method_args=dict(CODE_ARGS)),
+             _cure(), _cure("CURE-code", **CODE_ARGS)]
+    return (_ST, *seed_major(order))
+
+
+def _baselines_from_st() -> tuple[RunSpec, ...]:
+    """CURE Table 5: AT, TRADES and MART started from the same ST model as CURE, beside the same from scratch."""
+    order = [seeded("AT-fromST", method="at", init="ST"), seeded("MART-fromST", method="mart", init="ST"),
+             _trades_from_st(6.0), _cure(), _at(), _trades(), seeded("MART", method="mart")]
+    return (_ST, *seed_major(order))
+
+
+# CURE Table 10: one factor at a time around the paper-text CURE (gamma 1, p 30, rgp_alpha 0.1), over the values the
+# paper's Table 9 uses for its other architectures and data sets (p 20 / 50, rgp_alpha 0.2 / 0.3, gamma 0.5), and
+# gamma 2 above the default.
+CURE_GRID: dict[str, tuple[float, ...]] = {"gamma": (0.5, 2.0), "p": (20.0, 50.0), "rgp_alpha": (0.2, 0.3)}
+
+
+def _cure_grid() -> tuple[RunSpec, ...]:
+    """CURE Table 10: gamma, p and rgp_alpha varied one at a time around the paper-text defaults (``CURE``)."""
+    order = [_cure()] + [_cure(f"CURE-{key.replace('rgp_', '')}{value:g}", **{key: value})
+                         for key, values in CURE_GRID.items() for value in values]
+    return (_ST, *seed_major(order))
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -134,6 +217,21 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
                    _overfit_pilot(), checkpoints=("best", "last")),
+        Experiment("awp-gamma", "RWP Fig. 1a: does AWP's best robust accuracy first rise and then fall as its "
+                   "weight-perturbation size grows from 0 (AT) to 8 x 5e-3? (3 seeds)", "cpu", _awp_gamma(),
+                   checkpoints=("best", "last")),
+        Experiment("awp-loss-ranges", "RWP Fig. 1c: is AWP generated from the small-loss examples alone what "
+                   "prevents robust overfitting, and AWP from the large-loss ones unnecessary? (3 seeds)", "cpu",
+                   _awp_loss_ranges(), checkpoints=("best", "last")),
+        Experiment("lsc-removal", "RWP appendix: does removing the examples below the LSC value from AT, instead of "
+                   "perturbing the weights on them (RWP), help? Removal rate per epoch (3 seeds)", "cpu",
+                   _lsc_removal(), checkpoints=("best", "last")),
+        Experiment("cure-eff", "CURE Table 4: does CURE^Eff (natural warm-up inside the budget, no ST model) match "
+                   "CURE from the ST model? (3 seeds)", "cpu", _cure_eff()),
+        Experiment("baselines-from-st", "CURE Table 5: do AT, TRADES and MART started from the ST model reach "
+                   "CURE's trade-off? (3 seeds)", "cpu", _baselines_from_st()),
+        Experiment("cure-grid", "CURE Table 10: how do gamma, p and rgp_alpha, one at a time around the defaults, "
+                   "move CURE's natural and robust accuracy? (3 seeds)", "cpu", _cure_grid()),
     )
 }
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from layerlab import experiments as ex
 from layerlab import runs
+from layerlab.methods import Method, build_method
 from layerlab.records import export_records, restore_records
 
 
@@ -25,6 +27,40 @@ def test_every_experiment_names_each_run_once_and_starts_from_runs_it_has() -> N
         assert all(s.init is None or s.init in names[: names.index(s.name)] for s in exp.specs), exp.name
     with pytest.raises(ValueError, match="unknown experiment"):
         ex.experiment("nope")
+
+
+def test_a_run_name_means_one_config_in_every_experiment_and_every_config_builds() -> None:
+    seen: dict[str, ex.RunSpec] = {}
+    for exp in ex.EXPERIMENTS.values():
+        for spec in exp.specs:
+            assert seen.setdefault(spec.name, spec) == spec, f"{spec.name} differs in {exp.name}"
+            build_method(spec.changes["method"], spec.changes.get("method_args", {}))
+
+
+def _groups(name: str) -> dict[str, Method]:
+    """Seed 0's method of every group of experiment ``name``."""
+    return {s.name: build_method(s.changes["method"], s.changes.get("method_args", {}))
+            for s in ex.experiment(name).specs if s.changes.get("seed") == 0}
+
+
+def test_the_awp_sweeps_cover_zero_to_eight_gamma0_and_the_loss_ranges_tile_every_loss() -> None:
+    gammas = sorted(m.components[0].gamma if m.components else 0.0 for m in _groups("awp-gamma").values())
+    assert gammas == pytest.approx([0.0, 0.5 * ex.AWP_GAMMA0, ex.AWP_GAMMA0, 2 * ex.AWP_GAMMA0, 4 * ex.AWP_GAMMA0,
+                                    8 * ex.AWP_GAMMA0])
+    ranged = [m.components[0] for n, m in _groups("awp-loss-ranges").items() if n.startswith("AWP-loss")]
+    bounds = sorted((c.c_low or 0.0, c.c_min if c.c_min is not None else math.inf) for c in ranged)
+    assert bounds[0][0] == 0.0 and bounds[-1][1] == math.inf
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no overlap
+    assert {c.gamma for c in ranged} == {ex.AWP_DEFAULT_GAMMA}
+
+
+def test_the_cure_grid_changes_one_hyper_parameter_at_a_time() -> None:
+    groups = _groups("cure-grid")
+    centre = groups.pop("CURE").hparams()
+    assert len(groups) == sum(len(v) for v in ex.CURE_GRID.values())
+    for name, method in groups.items():
+        changed = {k for k, v in method.hparams().items() if centre[k] != v}
+        assert len(changed) == 1, (name, changed)
 
 
 @pytest.fixture
