@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import pandas as pd
+
 from layerlab import records, runs
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.evaluation import eval_file, evaluate_run
+from layerlab.methods import METHODS, build_method
 from layerlab.methods.cure import CODE_ARGS
-from layerlab.methods import METHODS
 from layerlab.methods.perturbation import C_MIN
+from layerlab.plots.experiments import plot_curves_and_removal, plot_group_bars, plot_sweep
 from layerlab.train import train
 
 SEEDS = (0, 1, 2)
@@ -401,6 +404,71 @@ def write_summary_csv(name: str, root: str | Path, out_dir: str | Path) -> list[
     return paths
 
 
+def curves(name: str, root: str | Path) -> pd.DataFrame:
+    """Every finished run's per-epoch ``metrics.jsonl`` rows of experiment ``name``, with its group and seed."""
+    root = Path(root)
+    rows = [{"run": spec.name, "group": group_of(spec.name), "seed": seed_of(spec.name), **row}
+            for spec in experiment(name).specs if finished(root / spec.name)
+            for row in runs.read_jsonl(root / spec.name / "metrics.jsonl")]
+    return pd.DataFrame(rows)
+
+
+def group_hparams(name: str) -> dict[str, dict[str, Any]]:
+    """The method hyper-parameters of every group of experiment ``name`` (``Method.hparams`` of its seed-0 run)."""
+    return {group_of(s.name): build_method(s.changes["method"], s.changes.get("method_args", {})).hparams()
+            for s in experiment(name).specs if s.changes.get("seed", 0) == 0}
+
+
+ROBUST = ("best_robust", "last_robust", "best_worst", "last_worst")
+TRADEOFF = ("last_natural", "last_robust", "last_worst")
+
+
+def _awp_gamma_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
+    gammas = {g: hp.get("awp.gamma", 0.0) for g, hp in group_hparams("awp-gamma").items()}
+    table = table.assign(gamma_multiple=[gammas[g] / AWP_GAMMA0 for g in table["group"]])
+    return [plot_sweep(table, "gamma_multiple", ROBUST, out / "rwp_fig1a_awp_gamma.png",
+                       xlabel=f"AWP weight-perturbation size gamma / {AWP_GAMMA0:g} (0 = AT)",
+                       title="RWP Fig. 1a: AWP's robustness against its perturbation size")]
+
+
+def _bars(file: str, metrics: tuple[str, ...], title: str) -> Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]:
+    return lambda table, _, out: [plot_group_bars(table, metrics, out / file, title=title)]
+
+
+def _removal_figure(table: pd.DataFrame, curves_: pd.DataFrame, out: Path) -> list[Path]:
+    return [plot_curves_and_removal(curves_, out / "rwp_appendix_removal_curves.png",
+                                    title=f"Test robustness per epoch (removal below c_min = {C_MIN:g})"),
+            plot_group_bars(table, ROBUST, out / "rwp_appendix_removal_best_last.png",
+                            title="AT without the examples below c_min: best and last")]
+
+
+# experiment -> what its figures are drawn with: (summary table, per-epoch curves, output folder) -> files
+FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]] = {
+    "awp-gamma": _awp_gamma_figure,
+    "awp-loss-ranges": _bars("rwp_fig1c_awp_loss_ranges.png", ROBUST,
+                             "RWP Fig. 1c: AWP generated from one loss range"),
+    "lsc-removal": _removal_figure,
+    "cure-eff": _bars("cure_table4_cure_eff.png", TRADEOFF, "CURE Table 4: CURE^Eff and CURE"),
+    "baselines-from-st": _bars("cure_table5_from_st.png", TRADEOFF, "CURE Table 5: baselines from the ST model"),
+    "cure-grid": _bars("cure_table10_grid.png", TRADEOFF, "CURE Table 10: gamma, p, rgp_alpha one at a time"),
+}
+
+
+def write_figures(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
+    """The summary CSVs (:func:`write_summary_csv`), ``NAME-curves.csv`` and experiment ``name``'s figures."""
+    if name not in FIGURES:
+        raise ValueError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
+    out_dir = Path(out_dir)
+    paths = write_summary_csv(name, root, out_dir)
+    table = pd.read_csv(paths[1])
+    if table.empty or "n_seeds" not in table:
+        raise ValueError(f"experiment {name!r} has no finished run under {root}; run it first")
+    per_epoch = curves(name, root)
+    paths.append(out_dir / f"{name}-curves.csv")
+    per_epoch.to_csv(paths[-1], index=False)
+    return paths + FIGURES[name](table, per_epoch, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layerlab.experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -423,7 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     summ.add_argument("name", choices=sorted(EXPERIMENTS))
     summ.add_argument("--runs", required=True, help="run root")
     summ.add_argument("--out", required=True, help="directory for NAME.csv and NAME-runs.csv")
+    figs = sub.add_parser("figures", help="summary CSVs, per-epoch curves and the figures (error bars over seeds)")
+    figs.add_argument("name", choices=sorted(FIGURES))
+    figs.add_argument("--runs", required=True, help="run root")
+    figs.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
     args = parser.parse_args(argv)
+    if args.command == "figures":
+        for path in write_figures(args.name, args.runs, args.out):
+            print(path)
+        return 0
     if args.command == "summarize":
         for path in write_summary_csv(args.name, args.runs, args.out):
             print(path)

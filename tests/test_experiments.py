@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from layerlab import experiments as ex
@@ -123,3 +124,42 @@ def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_
     monkeypatch.setattr(ex, "EVAL_ATTACKS", ("natural", "pgd3", "cw3", "fgsm"))  # a new attack: only it runs
     assert ex.evaluate_experiment("tiny", root, only=["AT-fromST"], log=lambda _: None) == ["AT-fromST:last"]
     assert set(runs.read_json(run / "eval-last.json")["results"]) == {"natural", "pgd3", "cw3", "fgsm"}
+
+
+def test_figures_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch, tiny_cfg) -> None:
+    exp = ex.Experiment("lsc-removal", "test", "smoke", tuple(ex.seed_major(
+        [ex.seeded("AT", seeds=(0, 1), method="at"),
+         ex.seeded("AT-remove", seeds=(0, 1), method="at-remove", method_args={"c_min": 1.0})])))
+    monkeypatch.setitem(ex.EXPERIMENTS, "lsc-removal", exp)
+    monkeypatch.setattr(ex, "base_config", lambda profile: tiny_cfg(epochs=2))
+    root = tmp_path / "root"
+    ex.run_experiment("lsc-removal", root, log=lambda _: None)
+    paths = ex.write_figures("lsc-removal", root, tmp_path / "out")
+    assert {p.name for p in paths} == {"lsc-removal-runs.csv", "lsc-removal.csv", "lsc-removal-curves.csv",
+                                       "rwp_appendix_removal_curves.png", "rwp_appendix_removal_best_last.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    curves = pd.read_csv(tmp_path / "out" / "lsc-removal-curves.csv")
+    assert len(curves) == 4 * 2 and set(curves["seed"]) == {0, 1}
+    removal = curves.groupby("group")["removal_rate"].apply(lambda s: s.notna().all())
+    assert removal["AT-remove"] and not curves.loc[curves["group"] == "AT", "removal_rate"].notna().any()
+    table = pd.read_csv(tmp_path / "out" / "lsc-removal.csv")
+    assert set(table["n_seeds"]) == {2}
+    with pytest.raises(ValueError, match="draws no figures"):
+        ex.write_figures("overfit-pilot", root, tmp_path / "out")
+
+
+def test_the_awp_gamma_figure_puts_each_group_at_its_gamma(tmp_path, monkeypatch) -> None:
+    groups = list(_groups("awp-gamma"))
+    table = pd.DataFrame({"group": groups, "n_seeds": 3, "best_robust_mean": range(len(groups)),
+                          "best_robust_std": 0.5})
+    drawn = {}
+    original = ex.plot_sweep
+
+    def spy(frame, x, metrics, path, **kw):
+        drawn.update(zip(frame["group"], frame[x]))
+        return original(frame, x, metrics, path, **kw)
+
+    monkeypatch.setattr(ex, "plot_sweep", spy)
+    [png] = ex.FIGURES["awp-gamma"](table, pd.DataFrame(), tmp_path)
+    assert png.exists() and drawn == {"AT": 0.0, "AWP-g0.0025": 0.5, "AWP-g0.005": 1.0, "AWP": 2.0, "AWP-g0.02": 4.0,
+                                      "AWP-g0.04": 8.0}
