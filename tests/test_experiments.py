@@ -30,12 +30,13 @@ def test_every_experiment_names_each_run_once_and_starts_from_runs_it_has() -> N
         ex.experiment("nope")
 
 
-def test_a_run_name_means_one_config_in_every_experiment_and_every_config_builds() -> None:
+def test_a_run_name_means_one_config_in_every_experiment_and_every_config_builds(tmp_path) -> None:
     seen: dict[str, ex.RunSpec] = {}
     for exp in ex.EXPERIMENTS.values():
         for spec in exp.specs:
             assert seen.setdefault(spec.name, spec) == spec, f"{spec.name} differs in {exp.name}"
-            build_method(spec.changes["method"], spec.changes.get("method_args", {}))
+            cfg = spec.config(ex.base_config(exp.profile), tmp_path).validate()
+            build_method(cfg.method, cfg.method_args)
 
 
 def _groups(name: str) -> dict[str, Method]:
