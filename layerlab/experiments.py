@@ -185,7 +185,8 @@ def _lsc_removal() -> tuple[RunSpec, ...]:
 def _cure_eff() -> tuple[RunSpec, ...]:
     """CURE Table 4: CURE^Eff (natural warm-up, then CURE, no ST model) beside CURE from the ST model, as the
     paper's text and as the released code runs it."""
-    order = [seeded("CURE-eff", method="cure-eff"), seeded("CURE-eff-code", method="cure-eff", method_args=dict(CODE_ARGS)),
+    order = [seeded("CURE-eff", method="cure-eff"),
+             seeded("CURE-eff-code", method="cure-eff", method_args=dict(CODE_ARGS)),
              _cure(), _cure("CURE-code", **CODE_ARGS)]
     return (_ST, *seed_major(order))
 

@@ -1,11 +1,12 @@
 """Adversarial training without the examples that meet the Loss Stationary Condition (RWP, Yu et al. 2022, appendix).
 
 RWP's LSC value ``c_min`` splits a batch's adversarial examples into those whose loss is already small
-(``loss < c_min``) and the rest. RWP perturbs the weights on the small-loss examples; the appendix compares this
-with removing them from training altogether: PGD-AT whose loss is the mean cross-entropy over the examples with
-adversarial loss ``>= c_min`` only. How many are removed changes over training (the *removal rate*), so the
-objective counts them and every epoch's ``metrics.jsonl`` row carries ``removal_rate`` (fraction of the epoch's
-training examples removed) and ``removed``.
+(``loss < c_min``) and the rest. RWP perturbs the weights on the small-loss examples; the alternative its appendix
+(Fig. 4) trains is to drop them from training altogether, and it reports the fraction dropped (the *removal rate*)
+over training. Here that is PGD-AT whose loss is the mean cross-entropy over the examples with adversarial loss
+``>= c_min`` only; the released RWP code has no script for it, so the normalization (a mean over the kept examples)
+is this implementation's choice. Every epoch's ``metrics.jsonl`` row carries ``removal_rate`` (fraction of the
+epoch's training examples dropped) and ``removed``.
 """
 
 from __future__ import annotations
