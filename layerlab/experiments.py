@@ -459,11 +459,12 @@ def write_figures(name: str, root: str | Path, out_dir: str | Path) -> list[Path
     """The summary CSVs (:func:`write_summary_csv`), ``NAME-curves.csv`` and experiment ``name``'s figures."""
     if name not in FIGURES:
         raise ValueError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
+    if not any(finished(Path(root) / s.name) for s in experiment(name).specs):
+        raise ValueError(f"experiment {name!r} has no finished run under {root}; train it first "
+                         f"(python -m layerlab.experiments run {name} --runs {root})")
     out_dir = Path(out_dir)
     paths = write_summary_csv(name, root, out_dir)
     table = pd.read_csv(paths[1])
-    if table.empty or "n_seeds" not in table:
-        raise ValueError(f"experiment {name!r} has no finished run under {root}; run it first")
     per_epoch = curves(name, root)
     paths.append(out_dir / f"{name}-curves.csv")
     per_epoch.to_csv(paths[-1], index=False)

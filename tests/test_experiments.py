@@ -147,6 +147,9 @@ def test_figures_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch, ti
     assert set(table["n_seeds"]) == {2}
     with pytest.raises(ValueError, match="draws no figures"):
         ex.write_figures("overfit-pilot", root, tmp_path / "out")
+    with pytest.raises(ValueError, match="no finished run"):
+        ex.write_figures("lsc-removal", tmp_path / "empty", tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_the_awp_gamma_figure_puts_each_group_at_its_gamma(tmp_path, monkeypatch) -> None:
