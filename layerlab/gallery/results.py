@@ -71,7 +71,8 @@ def evaluate_as_trained(ctx: Context, methods: Sequence[str], attacks: Sequence[
 
 
 def tradeoff_table(ctx: Context, run_dirs: PathMap) -> pd.DataFrame:
-    """CURE Table 1: natural, PGD-20, CW-inf, AutoAttack and NRR (on the strongest attack run) per method."""
+    """CURE Table 1: natural, PGD-20, CW-inf, AutoAttack, and NRR (Eq. 9) with SUM (natural + robust, Table 8) beside
+    it, both on the strongest attack run, per method."""
     rows = []
     for run in run_dirs.values():
         rep = evaluated(ctx, run, ctx.s.attacks)
@@ -83,7 +84,8 @@ def tradeoff_table(ctx: Context, run_dirs: PathMap) -> pd.DataFrame:
                      "cw_inf": acc.get(cw) if cw else None, "aa": acc.get("aa"),
                      "robust": acc[robust_attack], "robust_attack": {"aa": "AutoAttack"}.get(robust_attack, "PGD-20"),
                      "worst_linf": rep["worst_case"]["linf"]["accuracy"],
-                     "nrr": nrr(acc["natural"], acc[robust_attack]), "n": rep["n"]})
+                     "nrr": nrr(acc["natural"], acc[robust_attack]), "sum": acc["natural"] + acc[robust_attack],
+                     "n": rep["n"]})
     return pd.DataFrame(rows)
 
 
