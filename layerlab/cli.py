@@ -418,7 +418,8 @@ def reproduce(
     progress: Optional[bool] = switch(None, "--progress/--no-progress",
                                             help="progress bars (default: on at cpu and paper scale)"),
     records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
-                                           "restore missing runs from it first, export finished runs to it"),
+                                           "restore missing runs from it first, export finished runs to it; "
+                                           "the manifests name its files"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
     try:

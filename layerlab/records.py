@@ -7,7 +7,8 @@ directory; :func:`restore_records` lays them back into an empty run root, marked
 :mod:`layerlab.gallery` re-uses the run and every analysis already computed on it instead of retraining. When a
 later step needs the weights (an analysis not computed yet, or a run that starts from this one),
 :func:`materialize` retrains the run from its own config and checks that it reproduces the recorded summary;
-recorded analyses are kept only when it does. Inside :func:`records_only` nothing is retrained: what the records lack is an error.
+recorded analyses are kept only when it does. Inside :func:`records_only` nothing is retrained: what the
+records lack is an error.
 
 A records directory is the store the figures are drawn from: :func:`record_hash` is the content hash a figure
 group's manifest keeps of each record file it read, so a record re-made later is told apart.

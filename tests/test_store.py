@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from layerlab import runs
 from layerlab.cli import app
-from layerlab.gallery import make, redraw, verify
+from layerlab.gallery import make, redraw, verify, write_readme
 from layerlab.gallery.manifest import reading
-from layerlab.records import NotRecorded, record_hash
+from layerlab.records import NotRecorded, record_bytes, record_hash
 
 REPO = Path(__file__).resolve().parents[1]
 STORE = "results/runs-tiny"
@@ -45,19 +45,29 @@ def _manifest(repo: Path) -> dict:
 
 def test_reading_notes_result_files_read_under_the_run_root_only(tmp_path):
     root = tmp_path / "root"
-    (root / "AT").mkdir(parents=True)
+    (root / "AT-s1").mkdir(parents=True)  # a seed-1 run: its own folder, like any run
     with reading(root) as read:
-        runs.write_json(root / "AT" / "eval.json", {"n": 1})  # written, not read
-        (root / "AT" / "best.pt").write_bytes(b"weights")
+        runs.write_json(root / "AT-s1" / "eval.json", {"n": 1})  # written, not read
+        (root / "AT-s1" / "best.pt").write_bytes(b"weights")
         (tmp_path / "elsewhere.csv").write_text("a\n1\n")
     assert read == set()
     with reading(root) as read:
-        runs.read_json(root / "AT" / "eval.json")
-        (root / "AT" / "best.pt").read_bytes()  # not a result file
+        runs.read_json(root / "AT-s1" / "eval.json")
+        (root / "AT-s1" / "best.pt").read_bytes()  # not a result file
         pd.read_csv(tmp_path / "elsewhere.csv")  # outside the run root
-        (root / "AT" / "lsc.csv").write_text("mu\n0\n")
-        pd.read_csv(root / "AT" / "lsc.csv")
-    assert read == {("AT", "eval.json"), ("AT", "lsc.csv")}
+        (root / "AT-s1" / "lsc.csv").write_text("mu\n0\n")
+        pd.read_csv(root / "AT-s1" / "lsc.csv")
+        np.savez(root / "AT-s1" / "minpert.npz", x=np.zeros(2))
+        np.load(root / "AT-s1" / "minpert.npz")
+    assert read == {("AT-s1", "eval.json"), ("AT-s1", "lsc.csv"), ("AT-s1", "minpert.npz")}
+
+
+def test_records_rewrite_the_run_root_in_text_files_only(tmp_path):
+    root = str(tmp_path / "root")
+    (tmp_path / "config.json").write_text(f'{{"init": "{root}/ST/checkpoints/best.pt"}}')
+    (tmp_path / "arrays.npz").write_bytes(b"PK" + root.encode() + b"\x00")  # binary: never rewritten
+    assert record_bytes(tmp_path / "config.json", (root, "RUN_ROOT")) == b'{"init": "RUN_ROOT/ST/checkpoints/best.pt"}'
+    assert record_bytes(tmp_path / "arrays.npz", (root, "RUN_ROOT")) == (tmp_path / "arrays.npz").read_bytes()
 
 
 def test_manifest_names_the_records_it_read_and_copies_none(drawn):
@@ -118,6 +128,7 @@ def test_verify_catches_a_re_made_record_and_a_copied_one(drawn, tmp_path):
                         f"draw it again (layerlab records redraw --only gradients)",
                         f"{GROUP}/layer_stats.jsonl is a copy of {STORE}/CURE/layer_stats.jsonl; "
                         f"delete it (the manifest names the record)"]
+    assert "**not matching its records**: 1 problem(s)" in write_readme(repo / "figures").read_text()
     failed = invoke(app, ["records", "verify", "--figures", str(repo / "figures")])
     assert failed.exit_code == 1 and f"{STORE}/AT/summary.json changed" in failed.output
     (repo / "figures" / GROUP / "layer_stats.jsonl").unlink()

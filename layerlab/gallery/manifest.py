@@ -241,7 +241,7 @@ def _analysis_cost(directory: Path) -> dict[str, Any]:
 
 _READING: contextvars.ContextVar[tuple[Path, set[tuple[str, str]]] | None] = contextvars.ContextVar(
     "gallery_reading", default=None)
-_HOOKED: list[bool] = []  # the audit hook is added once per process (hooks cannot be removed)
+_HOOKED = False  # the audit hook is added once per process (hooks cannot be removed)
 
 
 def _opened_for_reading(mode: Any, flags: Any) -> bool:
@@ -270,9 +270,10 @@ def _note_read(event: str, args: tuple[Any, ...]) -> None:
 def reading(root: str | Path) -> Iterator[set[tuple[str, str]]]:
     """The result files (``(run, file)``) opened for reading under run root ``root`` while the block runs, in this
     thread: exactly what a figure group was drawn from, however deep in the library the read happened."""
+    global _HOOKED
     if not _HOOKED:
         sys.addaudithook(_note_read)
-        _HOOKED.append(True)
+        _HOOKED = True
     seen: set[tuple[str, str]] = set()
     token = _READING.set((Path(root).resolve(), seen))
     try:
@@ -496,6 +497,10 @@ def _group_section(m: dict[str, Any], figures: Path) -> list[str]:
     if m["differences_from_paper"]:
         lines.append("- miniature vs the paper's setting: " + "; ".join(m["differences_from_paper"]))
     lines.append("- drawn from: " + _drawn_from(m))
+    problems = _group_problems(m, figures.resolve().parent)
+    if problems:
+        lines.append(f"- **not matching its records**: {len(problems)} problem(s), e.g. {problems[0].split(': ', 1)[1]} "
+                     f"(`layerlab records verify` lists them all)")
     lines.append("")
     for name, rel in m["files"].items():
         if rel.endswith(".png"):
