@@ -23,15 +23,16 @@ from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
 from layerlab.analysis.minimum import minpert_runs
 from layerlab.config import ST_EPOCHS
 from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evaluate_run
-from layerlab.gallery import GROUPS
+from layerlab.gallery import GROUPS, redraw, verify, write_readme
 from layerlab.gallery import reproduce as run_all
+from layerlab.gallery.settings import group_of
 from layerlab.methods import METHODS, PRESETS, resolve_method
 from layerlab.methods.perturbation import C_MIN
 from layerlab.options import UNITS_HELP, ConfigArgs, config_options, switch
 from layerlab.plots.cka import plot_cka
 from layerlab.plots.layer_stats import plot_grads
 from layerlab.plots.robustness import plot_eps_sweep
-from layerlab.records import export_records, restore_records
+from layerlab.records import NotRecorded, export_records, restore_records
 from layerlab.study import run_freeze_study, run_method_comparison
 from layerlab.system import tune_cpu_allocator
 
@@ -417,7 +418,8 @@ def reproduce(
     progress: Optional[bool] = switch(None, "--progress/--no-progress",
                                             help="progress bars (default: on at cpu and paper scale)"),
     records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
-                                           "restore missing runs from it first, export finished runs to it"),
+                                           "restore missing runs from it first, export finished runs to it; "
+                                           "the manifests name its files"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
     try:
@@ -442,7 +444,7 @@ def records_export(
     runs: Path = typer.Option(..., "--runs", help="run root whose finished runs are exported"),
     to: Path = typer.Option(..., "--to", help="records directory (e.g. results/runs-cpu)"),
 ) -> None:
-    """Copy every finished run's JSON/JSONL/CSV results (never checkpoints) to TO/RUN/."""
+    """Copy every finished run's JSON/JSONL/CSV/NPZ results (never checkpoints) to TO/RUN/."""
     try:
         names = export_records(runs, to)
     except FileNotFoundError as err:
@@ -460,6 +462,40 @@ def records_restore(
         _fail(FileNotFoundError(f"records directory {src} does not exist"))
     names = restore_records(src, runs)
     typer.echo(f"restored {len(names)} runs into {runs}: {', '.join(names)}")
+
+
+@records_app.command("verify")
+def records_verify(
+    figures: Path = typer.Option(Path("figures"), "--figures", help="figures directory whose manifests are checked"),
+) -> None:
+    """Check that every figure group's manifest matches the records it was drawn from (content hashes) and that no
+    file under FIGURES copies a record; exit 1 listing each problem."""
+    if not figures.is_dir():
+        _fail(FileNotFoundError(f"figures directory {figures} does not exist; pass it with --figures"))
+    problems = verify(figures)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{figures}: every manifest matches its records")
+
+
+@records_app.command("redraw")
+def records_redraw(
+    only: str = typer.Option(..., "--only", help="comma-separated figure groups to draw again from their records"),
+    figures: Path = typer.Option(Path("figures"), "--figures", help="figures directory holding the groups"),
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Draw figure groups again from the records their manifests name, alone (nothing trains), and rewrite
+    FIGURES/README.md."""
+    try:
+        groups = [group_of(k.strip()) for k in only.split(",") if k.strip()]  # every name checked before drawing
+        for group in groups:
+            for path in redraw(group.key, figures, data_dir).values():
+                typer.echo(f"  {path}")
+    except (ValueError, FileNotFoundError, FileExistsError, NotRecorded) as err:
+        _fail(err)
+    write_readme(figures)
 
 
 @app.command()
