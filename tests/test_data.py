@@ -103,7 +103,7 @@ def test_val_is_disjoint_by_index_on_unique_data(monkeypatch):
     full = _toy(n=203, num_classes=5)
     full.images[:, 0, 0, :4] = torch.arange(203).unsqueeze(1).repeat(1, 4).to(torch.uint8)  # tag
     test = _toy(n=50, num_classes=5)
-    train, val, test_sub = D._select_subsets(full, test, 100, 20, 60, seed=3)
+    train, val, _ = D._select_subsets(full, test, 100, 20, 60, seed=3)
     tags = lambda s: set(s.images[:, 0, 0, 0].tolist())  # noqa: E731
     assert len(tags(train)) == 100 and len(tags(val)) == 60 and tags(train).isdisjoint(tags(val))
     # train subset does not move when val_size changes (val comes from the other end)
