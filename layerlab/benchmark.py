@@ -204,6 +204,8 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     ``OUT/corruptions.{csv,png}`` and their source and mean to ``eval.json``.
     """
     # refuse bad input before any work
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a directory")
     if out is not None and not overwrite:
         taken = [Path(out) / f for f in (EVAL_FILE, CORRUPTIONS_FILE) if (Path(out) / f).exists()]
         if taken:
@@ -229,7 +231,7 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     images, labels = splits.test.images[:count], splits.test.labels[:count]
     check_output(model, to_float(images[:2]), splits.num_classes, splits.name)
     published = None if cifar10c is None else PublishedCorruptions(
-        cifar10c, types, splits.test_index[:count], labels, tuple(images.shape[2:]))
+        cifar10c, types, splits.test_index[:count], splits.stored_test_labels, tuple(images.shape[2:]))
 
     report = evaluate_model(model, to_float(images), labels, attacks, eps=eps, step=step, sweep_255=sweep_255,
                             batch_size=batch_size, seed=seed, progress=progress)

@@ -114,8 +114,10 @@ class Splits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     test_index: Tensor | None = None
-    """Position of each ``test`` example in the full test split as stored, so files kept in the stored order (the
-    published CIFAR-10-C) line up with ``test``; None when unknown."""
+    """Position of each ``test`` example in the full test split as stored; None when unknown."""
+    stored_test_labels: Tensor | None = None
+    """Labels of the full test split in its stored order; with ``test_index`` they line ``test`` up with files
+    that hold the whole test set (the published CIFAR-10-C); None when unknown."""
 
 
 # --------------------------------------------------------------------------------------
@@ -192,6 +194,7 @@ def load_splits(
         mean=mean,
         std=std,
         test_index=test_index,
+        stored_test_labels=full_test.labels,
     )
 
 

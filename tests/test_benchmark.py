@@ -151,6 +151,17 @@ def test_bad_models_weights_and_outputs_are_refused_in_one_line_before_any_work(
     assert "unknown corruption" in refused(invoke("benchmark", "--model", f"{nets}:make_net", "--corruptions", "rain",
                                                   *base))
     assert not out.exists()
+    out.write_text("")
+    assert "is a file" in refused(invoke("benchmark", "--model", f"{nets}:make_net", *base))
+
+
+def test_timm_without_timm_names_the_install(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="pip install timm"):
+        benchmark("timm:resnet18", "digits", n=2, attacks=["natural"], device="cpu")
 
 
 def test_torchvision_models_are_built_for_the_data_sets_classes(tmp_path):
@@ -163,14 +174,15 @@ def test_torchvision_models_are_built_for_the_data_sets_classes(tmp_path):
 # ----------------------------------------------------------------------------- published CIFAR-10-C
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Path:
-    """A published-layout directory for the digits test set: each file is the stored test set corrupted by
-    :func:`corrupt` at severities 1-5, stacked, and labels.npy the labels five times."""
+def write_published(root: Path, order: torch.Tensor) -> Path:
+    """A published-layout directory for the digits test set, its images in ``order`` (positions in the stored
+    test set): each file is those images corrupted by :func:`corrupt` at severities 1-5, stacked, and labels.npy
+    their labels five times."""
     splits = load_splits("digits")
-    order = torch.argsort(splits.test_index)
-    images, labels = splits.test.images[order], splits.test.labels[order]  # the stored order
-    root = tmp_path_factory.mktemp("CIFAR-10-C")
+    images = torch.empty_like(splits.test.images)
+    images[splits.test_index] = splits.test.images  # the stored order
+    images, labels = images[order], splits.stored_test_labels[order]
+    root.mkdir(parents=True)
     for name in TYPES:
         stacked = torch.cat([C.corrupt(images, name, s) for s in C.SEVERITIES])
         np.save(root / f"{name}.npy", stacked.permute(0, 2, 3, 1).numpy())
@@ -178,10 +190,26 @@ def published(tmp_path_factory) -> Path:
     return root
 
 
-def test_published_files_line_up_with_a_test_subset(published, digits_splits):
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """Published files in the stored order of the test set."""
+    return write_published(tmp_path_factory.mktemp("c10c") / "CIFAR-10-C", torch.arange(300))
+
+
+@pytest.fixture(scope="module")
+def published_by_class(tmp_path_factory) -> Path:
+    """Published files in another order that keeps each class's images in the stored order (as an image-folder
+    copy of a data set stores them class by class)."""
+    labels = load_splits("digits").stored_test_labels
+    return write_published(tmp_path_factory.mktemp("c10c") / "by-class", torch.argsort(labels, stable=True))
+
+
+@pytest.mark.parametrize("how", ["in the stored order", "by class and order within class"])
+def test_published_files_line_up_with_a_test_subset(how, published, published_by_class, digits_splits):
     n = 12
-    files = C.PublishedCorruptions(published, TYPES, digits_splits.test_index[:n], digits_splits.test.labels[:n])
-    assert files.total == 300 and files.source == f"published files at {published}"
+    root = published if how == "in the stored order" else published_by_class
+    files = C.PublishedCorruptions(root, TYPES, digits_splits.test_index[:n], digits_splits.stored_test_labels)
+    assert files.total == 300 and files.source == f"published files at {root} (matched {how})"
     for name in TYPES:
         for severity in (1, 4):
             assert torch.equal(files.images(name, severity), C.corrupt(digits_splits.test.images[:n], name, severity))
@@ -197,16 +225,17 @@ def test_corruptions_of_a_run_read_from_published_files_match_the_generated_ones
     assert (generated["source"] == "generated").all()
     assert invoke(*args, "--cifar10c", published).exit_code == 0
     read = pd.read_csv(run / "corruptions.csv")
-    assert (read["source"] == f"published files at {published}").all()
+    assert (read["source"] == f"published files at {published} (matched in the stored order)").all()
     assert read.drop(columns="source").equals(generated.drop(columns="source")) and len(read) == 1 + 2 * 2
 
 
-def test_benchmark_reads_published_files_and_says_so(full_run, nets, published, tmp_path):
+def test_benchmark_reads_published_files_and_says_so(full_run, nets, published_by_class, tmp_path):
     kw = dict(weights=full_run / "checkpoints" / "best.pt", n=N, attacks=["natural"], severities=[2, 5],
               device="cpu")
-    read = benchmark(f"{nets}:make_net", "digits", cifar10c=published, corruptions=TYPES, out=tmp_path / "a", **kw)
+    root = published_by_class
+    read = benchmark(f"{nets}:make_net", "digits", cifar10c=root, corruptions=TYPES, out=tmp_path / "a", **kw)
     made = benchmark(f"{nets}:make_net", "digits", corruptions=TYPES, out=tmp_path / "b", **kw)
-    assert read["corruptions"]["source"] == f"published files at {published}"
+    assert read["corruptions"]["source"] == f"published files at {root} (matched by class and order within class)"
     assert made["corruptions"]["source"] == "generated"
     assert read["corruptions"]["mean"] == made["corruptions"]["mean"]
     assert read["corruptions"]["clean"] == read["results"]["natural"]["accuracy"]
@@ -215,7 +244,7 @@ def test_benchmark_reads_published_files_and_says_so(full_run, nets, published, 
     assert set(csv["type"]) == {"clean", *TYPES} and (tmp_path / "a" / "corruptions.png").stat().st_size > 0
     # a directory alone means all 15 corruptions, and this one has only two
     with pytest.raises(FileNotFoundError, match=r"has no gaussian_noise.npy \(present: contrast, jpeg_compression\)"):
-        benchmark(f"{nets}:make_net", "digits", cifar10c=published, **kw)
+        benchmark(f"{nets}:make_net", "digits", cifar10c=root, **kw)
 
 
 def test_a_wrong_published_directory_is_refused_in_one_line(st_run, published, tmp_path):
@@ -227,12 +256,16 @@ def test_a_wrong_published_directory_is_refused_in_one_line(st_run, published, t
     (bad / "labels.npy").unlink()
     assert "has no labels.npy" in refused(invoke(*args))
     labels = np.load(published / "labels.npy")
-    np.save(bad / "labels.npy", np.roll(labels, 1))
-    assert "does not match the test labels" in refused(invoke(*args))
-    np.save(bad / "labels.npy", labels[:-1])
-    assert "5 x T integer labels" in refused(invoke(*args))
-    np.save(bad / "labels.npy", labels[:500])
-    assert "smaller data set" in refused(invoke(*args))
+    np.save(bad / "labels.npy", labels[:-5])
+    assert "expected 5 x 300 integer labels" in refused(invoke(*args))
+    changed = labels.copy()
+    changed[300] = (changed[300] + 1) % 10  # severity 2's first label
+    np.save(bad / "labels.npy", changed)
+    assert "does not repeat the same 300 labels" in refused(invoke(*args))
+    other = labels.copy()
+    other[::300] = (other[::300] + 1) % 10
+    np.save(bad / "labels.npy", other)
+    assert "other class counts" in refused(invoke(*args))
     np.save(bad / "labels.npy", labels)
     np.save(bad / "contrast.npy", np.load(published / "contrast.npy")[:, :16, :16])
     assert "expected uint8 (1500, 32, 32, 3)" in refused(invoke(*args))

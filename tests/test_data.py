@@ -114,6 +114,17 @@ def test_val_is_disjoint_by_index_on_unique_data(monkeypatch):
     assert len(train3) == 143 and tags(train3).isdisjoint(tags(val3))
 
 
+@pytest.mark.parametrize("test_size", [None, 40])
+def test_test_index_places_each_test_image_in_the_stored_test_split(test_size):
+    from layerlab import data as D
+
+    full, stored = D._load_digits()[1], load_splits("digits", test_size=test_size, seed=5)
+    assert torch.equal(stored.stored_test_labels, full.labels)
+    assert len(stored.test_index) == len(stored.test) == (test_size or len(full))
+    assert torch.equal(full.images[stored.test_index], stored.test.images)
+    assert torch.equal(stored.stored_test_labels[stored.test_index], stored.test.labels)
+
+
 def test_unbalanced_classes_water_fill():
     from layerlab.data import balanced_quotas
 

@@ -441,18 +441,20 @@ def corrupt(images: Tensor | Array, name: str, severity: int, seed: int = 0) -> 
 class PublishedCorruptions:
     """The published CIFAR-10-C files of a directory, lined up with the evaluated test images.
 
-    ``DIR/<corruption>.npy`` holds the whole test set (T images, in the stored order) corrupted at severities 1-5,
-    stacked: a uint8 array 5T x H x W x 3 whose rows (s-1)T .. sT-1 are severity s. ``DIR/labels.npy`` holds the
-    5T labels. ``index`` gives each evaluated image's position in the stored test set
-    (:attr:`layerlab.data.Splits.test_index`) and ``labels`` its label; the files are checked against both, and
-    against ``image_size``, when the object is made, so a wrong directory is refused before any evaluation.
+    ``DIR/<corruption>.npy`` holds the whole test set (T images) corrupted at severities 1-5, stacked: a uint8
+    array 5T x H x W x 3 whose rows (s-1)T .. sT-1 are severity s; ``DIR/labels.npy`` holds the 5T labels. The
+    evaluated images are given by their positions ``index`` in the test split as stored and that split's labels
+    ``stored_labels`` (:attr:`layerlab.data.Splits.test_index`, :attr:`~layerlab.data.Splits.stored_test_labels`).
+    When the stored labels are the files' labels, the orders agree and position i is row i. Otherwise, with the same
+    number of images per class, the k-th stored image of a class is the files' k-th image of that class: the
+    alignment of an image-folder tree (stored class by class) whose files number each class's images in the
+    original order. Anything else is refused, as are missing files and wrong shapes, when the object is made.
     """
 
-    def __init__(self, directory: str | Path, names: Sequence[str], index: Tensor, labels: Tensor,
+    def __init__(self, directory: str | Path, names: Sequence[str], index: Tensor, stored_labels: Tensor,
                  image_size: tuple[int, int] = (32, 32)) -> None:
         self.directory = Path(directory)
         self.names = check_names(names)
-        self.index = index.cpu().numpy().astype(np.int64)
         where = f"--cifar10c {self.directory}"
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{where} is not a directory; give the folder holding the published "
@@ -461,17 +463,16 @@ class PublishedCorruptions:
             raise FileNotFoundError(f"{where} has no {LABELS_FILE}; give the folder holding the published "
                                     f"CIFAR-10-C files ({LABELS_FILE} and <corruption>.npy)")
         published = np.load(self.directory / LABELS_FILE)
-        if published.ndim != 1 or not np.issubdtype(published.dtype, np.integer) or len(published) % 5:
-            raise ValueError(f"{where}: {LABELS_FILE} has shape {published.shape} ({published.dtype}); the "
-                             f"published file holds 5 x T integer labels (5 severities of the T test images)")
-        self.total = len(published) // 5
-        if len(self.index) and int(self.index.max()) >= self.total:
-            raise ValueError(f"{where} holds {self.total} test images per severity but image {int(self.index.max())} "
-                             f"of the test set is evaluated: the files belong to a smaller data set")
-        want = labels.cpu().numpy()
-        if any((published[s * self.total + self.index] != want).any() for s in range(5)):
-            raise ValueError(f"{where}: {LABELS_FILE} does not match the test labels at the evaluated images; the "
-                             f"files must be the test set of the data set evaluated, in its stored order")
+        stored = stored_labels.cpu().numpy()
+        self.total = len(stored)
+        if published.shape != (5 * self.total,) or not np.issubdtype(published.dtype, np.integer):
+            raise ValueError(f"{where}: {LABELS_FILE} is {published.dtype} {published.shape}, expected 5 x "
+                             f"{self.total} integer labels (5 severities of the {self.total} test images)")
+        first = published[:self.total]
+        if any((published[s * self.total:(s + 1) * self.total] != first).any() for s in range(1, 5)):
+            raise ValueError(f"{where}: {LABELS_FILE} does not repeat the same {self.total} labels for each severity")
+        rows, self.matched = _line_up(first, stored, where)
+        self.rows = rows[index.cpu().numpy()]
         shape = (5 * self.total, *image_size, 3)
         self.arrays: dict[str, Array] = {}
         for name in self.names:
@@ -489,12 +490,27 @@ class PublishedCorruptions:
     @property
     def source(self) -> str:
         """What results computed from these files say about their images."""
-        return f"published files at {self.directory}"
+        return f"published files at {self.directory} (matched {self.matched})"
 
     def images(self, name: str, severity: int) -> Tensor:
         """The evaluated images under corruption ``name`` at ``severity``, uint8 ``N x 3 x H x W``."""
-        rows = (_pick(SEVERITIES, severity) - 1) * self.total + self.index
+        rows = (_pick(SEVERITIES, severity) - 1) * self.total + self.rows
         return torch.from_numpy(np.ascontiguousarray(self.arrays[name][rows])).permute(0, 3, 1, 2).contiguous()
+
+
+def _line_up(published: Array, stored: Array, where: str) -> tuple[Array, str]:
+    """The published files' row of each stored test image and how they were matched (see
+    :class:`PublishedCorruptions`)."""
+    if np.array_equal(published, stored):
+        return np.arange(len(stored)), "in the stored order"
+    classes = max(int(published.max()), int(stored.max())) + 1
+    if not np.array_equal(np.bincount(published, minlength=classes), np.bincount(stored, minlength=classes)):
+        raise ValueError(f"{where}: {LABELS_FILE} has other class counts than the test set; the files must hold "
+                         f"the test set of the data set evaluated")
+    rows = np.empty(len(stored), dtype=np.int64)
+    for c in range(classes):
+        rows[stored == c] = np.flatnonzero(published == c)
+    return rows, "by class and order within class"
 
 
 @torch.no_grad()
@@ -560,7 +576,7 @@ def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequenc
     count = len(splits.test) if n is None else min(n, len(splits.test))
     images, labels = splits.test.images[:count], splits.test.labels[:count]
     published = None if cifar10c is None else PublishedCorruptions(
-        cifar10c, types, splits.test_index[:count], labels, tuple(images.shape[2:]))
+        cifar10c, types, splits.test_index[:count], splits.stored_test_labels, tuple(images.shape[2:]))
     rows = evaluate_corruptions(model, images, labels, types=types, severities=severities, seed=seed,
                                 batch_size=batch_size, published=published, progress=progress)
     csv = write_csv(rows, Path(run_dir) / "corruptions.csv")
