@@ -39,7 +39,8 @@ from layerlab.plots.robustness import plot_corruptions
 from layerlab.train import resolve_device
 
 MODEL_HELP = ("module:function or path/to/file.py:function (a function called with no arguments, or an nn.Module), "
-              "torchvision:NAME or timm:NAME (built for the data set's classes)")
+              "torchvision:NAME or timm:NAME (built untrained for the data set's classes: give --weights)")
+LIBRARIES = ("torchvision", "timm")  # specs whose models are built untrained
 NORMALIZE_HELP = ("none (the model takes [0, 1] images and normalizes itself, RobustBench's convention), dataset "
                   "(the data set's training-split mean/std), or m1,m2,m3/s1,s2,s3")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints commonly nest the state_dict
@@ -173,9 +174,11 @@ def check_output(model: nn.Module, x: Tensor, num_classes: int, dataset: str) ->
 
 
 def load_model(spec: str, weights: str | Path | None = None, *, num_classes: int) -> nn.Module:
-    """The model a spec names, with ``weights`` loaded when given."""
+    """The model a spec names, with ``weights`` loaded (required for a library's untrained architecture)."""
     with torch.random.fork_rng(devices=[]):  # a random init is overwritten or part of the spec: keep the global RNG
         model = build_from_spec(spec, num_classes)
+    if weights is None and spec.partition(":")[0] in LIBRARIES:
+        raise ValueError(f"--model {spec} is built untrained; pass its --weights")
     if weights is not None:
         load_weights(model, weights, spec)
     return model
@@ -200,8 +203,8 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     ``model`` is an ``nn.Module`` taking [0, 1] images or a spec (:data:`MODEL_HELP`), with ``weights``.
     ``corruptions`` (names or groups, e.g. ``["all"]``) adds CIFAR-10-C accuracies at ``severities`` on the same
     images: read from the published files in ``cifar10c`` when given (all 15 unless ``corruptions`` says
-    otherwise), else generated with ``seed``; they go to
-    ``OUT/corruptions.{csv,png}`` and their source and mean to ``eval.json``.
+    otherwise), else generated with ``seed``; they go to ``OUT/corruptions.{csv,png}`` and their source and mean
+    to ``eval.json``.
     """
     # refuse bad input before any work
     if out is not None and Path(out).exists() and not Path(out).is_dir():

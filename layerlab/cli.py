@@ -258,11 +258,11 @@ def benchmark_cmd(
             progress=lambda name: typer.echo(f"running {name} ...", err=True))
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
+    _print_eval(report, out / EVAL_FILE, model)
     if "corruptions" in report:
         c = report["corruptions"]
         typer.echo(f"{'cifar10-c':<12}{c['mean']:>8.2f}%  (mean over {len(c['types'])} corruptions x "
                    f"{len(c['severities'])} severities; {c['source']}; wrote {out / c['file']})")
-    _print_eval(report, out / EVAL_FILE, model)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,8 @@ def cfg_stats(run: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def test_the_cli_takes_a_module_of_the_working_directory_and_writes_eval_json(full_run, nets, tmp_path, monkeypatch):
     monkeypatch.chdir(nets.parent)
-    monkeypatch.delitem(__import__("sys").modules, "nets", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the command puts the working directory on it
+    monkeypatch.delitem(sys.modules, "nets", raising=False)
     out = tmp_path / "out"
     args = ["benchmark", "--model", "nets:make_net", "--weights", full_run / "checkpoints" / "best.pt", "--dataset",
             "digits", "--out", out, "--attacks", ",".join(ATTACKS), "--n", N, "--device", "cpu"]
@@ -161,14 +163,20 @@ def test_timm_without_timm_names_the_install(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
     with pytest.raises(RuntimeError, match="pip install timm"):
-        benchmark("timm:resnet18", "digits", n=2, attacks=["natural"], device="cpu")
+        benchmark("timm:resnet18", "digits", weights="w.pt", n=2, attacks=["natural"], device="cpu")
 
 
-def test_torchvision_models_are_built_for_the_data_sets_classes(tmp_path):
-    report = benchmark("torchvision:resnet18", "digits", n=4, attacks=["natural"], device="cpu", out=tmp_path)
+def test_torchvision_models_are_built_for_the_data_sets_classes_and_need_weights(tmp_path):
+    import torchvision
+
+    with pytest.raises(ValueError, match="built untrained; pass its --weights"):
+        benchmark("torchvision:resnet18", "digits", n=4, attacks=["natural"], device="cpu")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    report = benchmark("torchvision:resnet18", "digits", weights=tmp_path / "w.pt", n=4, attacks=["natural"],
+                       device="cpu", out=tmp_path / "out")
     assert report["n"] == 4 and report["model"] == "torchvision:resnet18"
-    assert runs.read_json(tmp_path / "eval.json")["results"]["natural"]["accuracy"] == report["results"]["natural"][
-        "accuracy"]
+    assert summary(report) == summary(benchmark(model, "digits", n=4, attacks=["natural"], device="cpu"))
 
 
 # ----------------------------------------------------------------------------- published CIFAR-10-C
