@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from layerlab import runs
-from layerlab.analysis.corruptions import (CORRUPTIONS, SEVERITIES, PublishedCorruptions, check_names,
+from layerlab.analysis.corruptions import (CORRUPTIONS, CSV_FILE, SEVERITIES, PublishedCorruptions, check_names,
                                            check_severities, evaluate_corruptions, write_csv)
 from layerlab.config import EPS, PGD_STEP
 from layerlab.data import Splits, load_splits, to_float
-from layerlab.evaluation import DEFAULT_SWEEP_255, evaluate_model, expand_attacks, parse_attack
-from layerlab.models import Normalize
+from layerlab.evaluation import DEFAULT_SWEEP_255, eval_file, evaluate_model, expand_attacks, parse_attack
+from layerlab.models import WRAPPER_PREFIXES, Normalize
 from layerlab.plots.robustness import plot_corruptions
 from layerlab.train import resolve_device
 
@@ -44,8 +44,7 @@ LIBRARIES = ("torchvision", "timm")  # specs whose models are built untrained
 NORMALIZE_HELP = ("none (the model takes [0, 1] images and normalizes itself, RobustBench's convention), dataset "
                   "(the data set's training-split mean/std), or m1,m2,m3/s1,s2,s3")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints commonly nest the state_dict
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
-EVAL_FILE, CORRUPTIONS_FILE = "eval.json", "corruptions.csv"
+EVAL_FILE = eval_file()
 SHOWN_KEYS = 3  # keys named per kind in a weights mismatch
 
 
@@ -210,7 +209,7 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise FileExistsError(f"--out {out} is a file; give a directory")
     if out is not None and not overwrite:
-        taken = [Path(out) / f for f in (EVAL_FILE, CORRUPTIONS_FILE) if (Path(out) / f).exists()]
+        taken = [Path(out) / f for f in (EVAL_FILE, CSV_FILE) if (Path(out) / f).exists()]
         if taken:
             raise FileExistsError(f"{taken[0]} exists; pass --overwrite to replace it, or another --out")
     if n is not None and n < 1:
@@ -247,7 +246,7 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
         rows = evaluate_corruptions(model, images, labels, types=types, severities=severities, seed=seed,
                                     batch_size=batch_size, published=published, progress=progress)
         corrupted = [r["accuracy"] for r in rows if r["severity"] > 0]
-        report["corruptions"] = {"source": rows[0]["source"], "file": CORRUPTIONS_FILE, "types": types,
+        report["corruptions"] = {"source": rows[0]["source"], "file": CSV_FILE, "types": types,
                                  "severities": severities, "clean": rows[0]["accuracy"],
                                  "mean": float(np.mean(corrupted))}
     if out is not None:
@@ -255,5 +254,6 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
         out.mkdir(parents=True, exist_ok=True)
         runs.write_json(out / EVAL_FILE, report)
         if rows is not None:
-            plot_corruptions(write_csv(rows, out / CORRUPTIONS_FILE), out / "corruptions.png", title=spec)
+            csv = write_csv(rows, out / CSV_FILE)
+            plot_corruptions(csv, csv.with_suffix(".png"), title=spec)
     return report

@@ -57,6 +57,7 @@ CHUNK = 500  # images corrupted at once (memory of the vectorized ops)
 GENERATED = "generated"
 LABELS_FILE = "labels.npy"
 COLUMNS = ["type", "group", "severity", "accuracy", "n", "source"]
+CSV_FILE = "corruptions.csv"
 
 
 def _pick(values: Sequence[Any], severity: int) -> Any:
@@ -579,6 +580,6 @@ def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequenc
         cifar10c, types, splits.test_index[:count], splits.stored_test_labels, tuple(images.shape[2:]))
     rows = evaluate_corruptions(model, images, labels, types=types, severities=severities, seed=seed,
                                 batch_size=batch_size, published=published, progress=progress)
-    csv = write_csv(rows, Path(run_dir) / "corruptions.csv")
+    csv = write_csv(rows, Path(run_dir) / CSV_FILE)
     png = plot_corruptions(csv, Path(run_dir) / "corruptions.png", title=Path(run_dir).name)
     return csv, png
