@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,8 +60,9 @@ def _import_attribute(module: str, name: str) -> Any:
         path = Path(module)
         if not path.is_file():
             raise FileNotFoundError(f"--model {module}:{name}: {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"layerlab_user_model_{abs(hash(str(path.resolve())))}", path)
+        spec = importlib.util.spec_from_file_location(f"_layerlab_model_{path.stem}", path)  # shadows no module
         loaded = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = loaded  # as an import would (dataclasses and pickling look modules up there)
         spec.loader.exec_module(loaded)
     else:
         try:
