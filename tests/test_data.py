@@ -118,11 +118,11 @@ def test_val_is_disjoint_by_index_on_unique_data(monkeypatch):
 def test_test_index_places_each_test_image_in_the_stored_test_split(test_size):
     from layerlab import data as D
 
-    full, stored = D._load_digits()[1], load_splits("digits", test_size=test_size, seed=5)
-    assert torch.equal(stored.stored_test_labels, full.labels)
-    assert len(stored.test_index) == len(stored.test) == (test_size or len(full))
-    assert torch.equal(full.images[stored.test_index], stored.test.images)
-    assert torch.equal(stored.stored_test_labels[stored.test_index], stored.test.labels)
+    full, splits = D._load_digits()[1], load_splits("digits", test_size=test_size, seed=5)
+    assert torch.equal(splits.stored_test_labels, full.labels)
+    assert len(splits.test_index) == len(splits.test) == (test_size or len(full))
+    assert torch.equal(full.images[splits.test_index], splits.test.images)
+    assert torch.equal(splits.stored_test_labels[splits.test_index], splits.test.labels)
 
 
 def test_unbalanced_classes_water_fill():
