@@ -21,7 +21,9 @@ from layerlab.analysis.corruptions import corruptions_run
 from layerlab.analysis.curves import write_curves
 from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
 from layerlab.analysis.minimum import minpert_runs
-from layerlab.config import ST_EPOCHS
+from layerlab.benchmark import EVAL_FILE, MODEL_HELP, NORMALIZE_HELP
+from layerlab.benchmark import benchmark as run_benchmark
+from layerlab.config import EPS, PGD_STEP, ST_EPOCHS
 from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evaluate_run
 from layerlab.gallery import GROUPS, redraw, verify, write_readme
 from layerlab.gallery import reproduce as run_all
@@ -81,6 +83,8 @@ DataDirOpt = typer.Option(None, "--data-dir", help="where datasets live (else $L
 OverwriteOpt = switch(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = switch(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = switch(True, "--progress/--no-progress", help="show progress bars")
+Cifar10cOpt = typer.Option(None, "--cifar10c", help="directory of the published CIFAR-10-C files (<corruption>.npy, "
+                           "labels.npy): read the corrupted images from them instead of generating them")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
                                          f"profile {ST_EPOCHS}")
 
@@ -189,6 +193,11 @@ def eval_cmd(
                               sweep_255=sweep, progress=lambda name: typer.echo(f"running {name} ...", err=True))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
+    _print_eval(report, run / eval_file(checkpoint), run.name)
+
+
+def _print_eval(report: dict[str, Any], path: Path, label: str) -> None:
+    """Print an eval.json report written to ``path`` (and draw its eps-sweep beside it)."""
     for name, res in report["results"].items():
         typer.echo(f"{name:<12}{res['accuracy']:>8.2f}%")
     for norm, res in report["worst_case"].items():
@@ -198,12 +207,63 @@ def eval_cmd(
     if "eps_sweep" in report:
         points = report["eps_sweep"]["points"]
         typer.echo("eps-sweep   " + "  ".join(f"{p['eps_255']:g}:{p['accuracy']:.1f}" for p in points))
-        typer.echo(f"wrote {plot_eps_sweep({run.name: run / eval_file(checkpoint)}, run / 'eps_sweep.png')}")
+        typer.echo(f"wrote {plot_eps_sweep({label: path}, path.parent / 'eps_sweep.png')}")
     if not report["checks"]["passed"]:
-        typer.echo(f"WARNING: sanity checks failed (see 'checks' in {eval_file(checkpoint)}); do not trust these "
-                   "numbers", err=True)
+        typer.echo(f"WARNING: sanity checks failed (see 'checks' in {path.name}); do not trust these numbers",
+                   err=True)
     status = "passed" if report["checks"]["passed"] else "FAILED"
-    typer.echo(f"wrote {run / eval_file(checkpoint)} (n={report['n']}, sanity checks {status})")
+    typer.echo(f"wrote {path} (n={report['n']}, sanity checks {status})")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="state_dict file (read with torch.load "
+                                           "weights_only=True; also nested under state_dict or model)"),
+    dataset: str = typer.Option("cifar10", help="digits, cifar10, cifar100, svhn or folder:PATH"),
+    out: Path = typer.Option(..., "--out", help="directory for eval.json (and corruptions.csv/png)"),
+    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP),
+    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
+    eps: float = typer.Option(EPS * 255, help="L-inf attack radius, in 1/255 units"),
+    pgd_step: float = typer.Option(PGD_STEP * 255, "--pgd-step", help="L-inf PGD/CW step size, in 1/255 units"),
+    normalize: Optional[str] = typer.Option(None, help=NORMALIZE_HELP),
+    corruptions: Optional[str] = typer.Option(None, help="also CIFAR-10-C: comma-separated corruption types or "
+                                              "groups (noise, blur, weather, digital, all)"),
+    severities: str = typer.Option("1,2,3,4,5", help="comma-separated corruption severities (1-5)"),
+    cifar10c: Optional[Path] = Cifar10cOpt,
+    batch_size: int = typer.Option(256, help="evaluation batch size"),
+    seed: int = typer.Option(0, help="attack (and generated corruption) seed"),
+    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
+                                  help="eps values (x 1/255) of the eps-sweep"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+    overwrite: bool = switch(False, "--overwrite", help="replace OUT/eval.json and OUT/corruptions.csv"),
+) -> None:
+    """Evaluate any model (not only a run) under attacks, and optionally CIFAR-10-C; writes OUT/eval.json.
+
+    The model takes images in [0, 1] and returns logits, normalizing inside (RobustBench's convention) unless
+    given --normalize. A module:function spec may name a module of the current directory. With --cifar10c DIR
+    the corrupted images are read from the published files (all 15 corruptions unless --corruptions says
+    otherwise); with --corruptions alone they are generated. eval.json names the source.
+    """
+    if str(Path.cwd()) not in sys.path:  # as under python -m: specs may name a module of the current directory
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        report = run_benchmark(
+            model, dataset, weights=weights, data_dir=data_dir, n=n, eps=eps / 255, step=pgd_step / 255,
+            attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+            sweep_255=[float(e) for e in eps_sweep.split(",") if e.strip()], normalize=normalize,
+            corruptions=[t.strip() for t in corruptions.split(",") if t.strip()] if corruptions else None,
+            severities=[int(s) for s in severities.split(",") if s.strip()], cifar10c=cifar10c,
+            batch_size=batch_size, seed=seed, device=device, out=out, overwrite=overwrite,
+            progress=lambda name: typer.echo(f"running {name} ...", err=True))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    _print_eval(report, out / EVAL_FILE, model)
+    if "corruptions" in report:
+        c = report["corruptions"]
+        typer.echo(f"{'cifar10-c':<12}{c['mean']:>8.2f}%  (mean over {len(c['types'])} corruptions x "
+                   f"{len(c['severities'])} severities; {c['source']}; wrote {out / c['file']})")
 
 
 @app.command()
@@ -217,12 +277,15 @@ def corruptions(
     batch_size: int = typer.Option(256, help="evaluation batch size"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
+    cifar10c: Optional[Path] = Cifar10cOpt,
 ) -> None:
-    """Accuracy under the 15 CIFAR-10-C corruptions (generated on the fly); writes RUN/corruptions.{csv,png}."""
+    """Accuracy under the 15 CIFAR-10-C corruptions (read from --cifar10c DIR, else generated on the fly); writes
+    RUN/corruptions.{csv,png}, whose source column says which."""
     try:
         csv, png = corruptions_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
                                        severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
-                                       checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir)
+                                       checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir,
+                                       cifar10c=cifar10c)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"wrote {csv} and {png}")
