@@ -22,6 +22,7 @@ and compare the images). The module is callable: ``layerlab.explore(ROOT)`` is :
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import io
 import math
@@ -52,6 +53,13 @@ MODES = {"natural": ("natural_acc", "val_natural_acc"), "adversarial": ("robust_
 WHATIF_DIR = "whatif"
 WHATIF_TRAIN_SIZE = 1000  # what-if runs are smoke-scale: at most this many training images
 APP_CLASS = "layerlab-explorer"
+TABLE_CSS = ("<style>.layerlab-summary {border-collapse: collapse; margin: 6px 0}"
+             " .layerlab-summary th, .layerlab-summary td {padding: 3px 12px; text-align: right;"
+             " border-bottom: 1px solid #ddd; white-space: nowrap}"
+             " .layerlab-summary th:nth-child(-n+3), .layerlab-summary td:nth-child(-n+3) {text-align: left}</style>")
+SELECT_HINT = "Ctrl-click (⌘-click on a Mac) or Shift-click to select several runs or blocks"
+KERNEL_CULL_IDLE = 600  # seconds a served explorer's kernel may sit without a page before Voilà shuts it down
+KERNEL_CULL_INTERVAL = 60  # seconds between Voilà's checks for such kernels
 
 
 # --------------------------------------------------------------------------------------
@@ -82,6 +90,7 @@ class RunFiles:
     path: Path
     config: dict[str, Any]
     blocks: list[str]
+    part_counts: list[dict[str, Any]]  # config.json's parameter counts per part: part, total, trainable
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     cka: dict[str, Any] | None
@@ -92,6 +101,11 @@ class RunFiles:
     @property
     def method(self) -> str:
         return self.config.get("method", "?")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether some part of the model was trained with fewer trainable weights than it has (a U-spec run)."""
+        return any(b["trainable"] < b["total"] for b in self.part_counts)
 
     @property
     def epochs(self) -> list[int]:
@@ -128,11 +142,43 @@ def read_run_files(label: str, path: Path) -> RunFiles:
         return frame if len(frame) else None
 
     return RunFiles(label=label, path=path, config=meta.get("config", {}),
-                    blocks=[b["part"] for b in meta.get("blocks", [])],
+                    blocks=[b["part"] for b in meta.get("blocks", [])], part_counts=meta.get("blocks", []),
                     metrics=sorted(runs.read_jsonl(path / "metrics.jsonl"), key=lambda r: r["epoch"]),
                     summary=runs.read_json(path / "summary.json") if (path / "summary.json").exists() else None,
                     cka=runs.read_json(path / "cka.json") if (path / "cka.json").exists() else None,
                     stats=stats, lsc=csv("lsc.csv"), removal=csv("removal_rate.csv"))
+
+
+@functools.lru_cache(maxsize=None)
+def weight_layers(model: str, width: float) -> tuple[tuple[str, str], ...]:
+    """(parameter, part) of every conv/linear weight of a ``model`` of ``width``, in forward order.
+
+    The model is built on the meta device (no memory, no initialization cost): only its parameter names count.
+    """
+    import torch
+
+    from layerlab.models import block_of_param, build_model
+
+    with torch.device("meta"):
+        net = build_model(model, width=width)
+    return tuple((name, block_of_param(name)) for name, p in net.named_parameters() if p.dim() > 1)
+
+
+def updated_percent(run: RunFiles, epoch: int, blocks: Sequence[str]) -> pd.Series:
+    """Percentage of each conv/linear weight tensor updated per step at ``epoch`` (forward order, chosen blocks).
+
+    ``layer_stats.jsonl`` has rows for trainable tensors only, so the layers a U-spec run froze are 0%.
+    """
+    frame = stats_at(run.stats, epoch)
+    frame = frame[frame["shape"].map(len) > 1]
+    updated = 100 * frame.set_index("param")["updated_fraction"]
+    if run.frozen:
+        layers = weight_layers(run.config["model"], float(run.config.get("width", 1.0)))
+        updated = updated.reindex([name for name, _ in layers], fill_value=0.0)
+        part = dict(layers)
+    else:
+        part = dict(zip(frame["param"], frame["block"]))
+    return updated[[part[name] in blocks for name in updated.index]] if blocks else updated
 
 
 # --------------------------------------------------------------------------------------
@@ -197,7 +243,7 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
         body.append(f"<tr><td>{html.escape(run.label)}</td><td>{html.escape(run.method)}</td>"
                     f"<td>{html.escape(str(run.config.get('update') or 'all'))}</td>"
                     f"<td>{row.get('epoch', '–')}</td>{''.join(cells)}</tr>")
-    return (f"<table class='layerlab-summary' style='border-collapse:collapse'>{head}{''.join(body)}</table>")
+    return f"{TABLE_CSS}<table class='layerlab-summary'>{head}{''.join(body)}</table>"
 
 
 def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
@@ -251,18 +297,16 @@ def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int
     ax_g, ax_u = axes[0]
     grads = {run.label: block_gradients_at(run.stats, epoch, blocks) for run in with_stats}
     shown = list(dict.fromkeys(b for g in grads.values() for b in g))
-    frames = {run.label: stats_at(run.stats, epoch) for run in with_stats}
-    frames = {k: f[(f["shape"].map(len) > 1) & (f["block"].isin(shown))] for k, f in frames.items()}
-    position = {p: i for i, p in enumerate(dict.fromkeys(p for f in frames.values() for p in f["param"]))}
+    updated = {run.label: updated_percent(run, epoch, blocks) for run in with_stats}
+    position = {p: i for i, p in enumerate(dict.fromkeys(p for u in updated.values() for p in u.index))}
     width = 0.8 / len(with_stats)
     for i, run in enumerate(with_stats):
         values = [grads[run.label].get(b, np.nan) for b in shown]
         ax_g.bar(np.arange(len(shown)) + (i - (len(with_stats) - 1) / 2) * width, values, width=width,
                  label=run.label, color=f"C{i % 10}")
-        layers = frames[run.label]  # frozen layers of a U-spec run have no row: they are left out
-        ax_u.plot(layers["param"].map(position).to_numpy(), 100 * layers["updated_fraction"].to_numpy(),
-                  marker="o", markersize=3, linestyle="none" if len(layers) < 2 else "-", label=run.label,
-                  color=f"C{i % 10}")
+        layers = updated[run.label]
+        ax_u.plot(layers.index.map(position).to_numpy(), layers.to_numpy(), marker="o", markersize=3,
+                  linestyle="none" if len(layers) < 2 else "-", label=run.label, color=f"C{i % 10}")
     ax_g.set_xticks(np.arange(len(shown)))
     ax_g.set_xticklabels(shown, rotation=45, ha="right")
     ax_g.set_yscale("log")
@@ -395,7 +439,8 @@ class Explorer(widgets.VBox):
         self.whatif_progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
         self.whatif_log = widgets.HTML("freeze every block but the chosen ones and train them adversarially")
 
-        controls = widgets.HBox([self.run_select, self.block_select,
+        self.hint = widgets.HTML(f"<small>{html.escape(SELECT_HINT)}</small>")
+        controls = widgets.HBox([widgets.VBox([widgets.HBox([self.run_select, self.block_select]), self.hint]),
                                  widgets.VBox([widgets.HBox([self.play, self.epoch]), self.mode, self.focus,
                                                self.rescan_button, self.status])])
         panels = widgets.VBox([widgets.HBox([self.curves_image, self.cka_image]),
@@ -621,22 +666,36 @@ def explore(run_root: str | Path = "runs/reproduce", **kwargs: Any) -> Explorer:
 
 
 def app_notebook(run_root: str | Path, path: str | Path) -> Path:
-    """Write a one-cell notebook that shows the explorer of ``run_root`` (what ``layerlab explore`` serves)."""
+    """Write the notebook that ``layerlab explore`` serves: a loading message (plain markdown, shown at once
+    under progressive rendering and hidden by CSS once the app is on the page), then the explorer of ``run_root``."""
     import nbformat
 
+    root = str(Path(run_root).resolve())
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(f"import layerlab\nlayerlab.explore({str(Path(run_root).resolve())!r})")]
+    loading = (f"<style>body:has(.{APP_CLASS}) .layerlab-loading {{display: none}}</style>\n"
+               f"<p class='layerlab-loading'>Loading the layerlab explorer of <code>{html.escape(root)}</code>: "
+               "starting Python and reading the runs takes a few seconds ...</p>")
+    nb.cells = [nbformat.v4.new_markdown_cell(loading),
+                nbformat.v4.new_code_cell(f"import layerlab\nlayerlab.explore({root!r})")]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
 
 
-def voila_command(notebook: str | Path, port: int = 8866, open_browser: bool = False) -> list[str]:
-    """The Voilà command line that serves ``notebook`` on localhost:``port``."""
+def voila_command(notebook: str | Path, port: int = 8866, open_browser: bool = False,
+                  cull_idle: int = KERNEL_CULL_IDLE, cull_interval: int = KERNEL_CULL_INTERVAL) -> list[str]:
+    """The Voilà command line that serves ``notebook`` on localhost:``port``.
+
+    Cells render as they finish (progressive rendering), so the loading message shows before the kernel has
+    imported anything; a kernel whose page is gone (closed tab, killed browser) is shut down once it has been
+    idle ``cull_idle`` seconds, checked every ``cull_interval`` seconds.
+    """
     cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={port}", "--Voila.ip=127.0.0.1",
-           "--theme=light"]
+           "--theme=light", "--VoilaConfiguration.progressive_rendering=True",
+           f"--MappingKernelManager.cull_idle_timeout={cull_idle}",
+           f"--MappingKernelManager.cull_interval={cull_interval}"]
     if not open_browser:
         cmd.append("--no-browser")
     return cmd
