@@ -22,6 +22,7 @@ from layerlab.explore import (  # noqa: E402
     read_run_files,
     spec_of,
     summary_table,
+    updated_percent,
 )
 from layerlab.plots.cka import cka_view  # noqa: E402
 
@@ -136,6 +137,48 @@ def test_block_gradients_match_an_independent_average(root):
     assert block_gradients_at(run.stats, 99) == block_gradients_at(run.stats, 3)  # last epoch before 99
 
 
+@pytest.fixture(scope="module")
+def frozen_run(root, tmp_path_factory, tiny_cfg, digits_splits) -> Path:
+    """A U-3 run (only block3 trained) started from the ST run."""
+    from layerlab.train import train
+
+    out = tmp_path_factory.mktemp("frozen") / "U-3"
+    cfg = tiny_cfg(method="at", epochs=1, update="3", init=str(root / "ST" / "checkpoints" / "best.pt"))
+    train(cfg, out, progress=False, splits=digits_splits)
+    return out
+
+
+def test_frozen_layers_count_as_not_updated(frozen_run, root):
+    from layerlab.models import block_of_param, build_model
+
+    run = read_run_files("U-3", frozen_run)
+    assert run.frozen and not read_run_files("AT", root / "AT").frozen
+    cfg = run.config
+    model = build_model(cfg["model"], width=cfg["width"])
+    weights = [n for n, p in model.named_parameters() if p.dim() > 1]
+    got = updated_percent(run, 1, [])
+    assert list(got.index) == weights  # every conv/linear weight, in forward order
+    recorded = {r["param"]: 100 * r["updated_fraction"] for r in runs.read_jsonl(frozen_run / "layer_stats.jsonl")}
+    for name in weights:
+        assert got[name] == pytest.approx(recorded[name] if block_of_param(name) == "block3" else 0.0), name
+    assert (got[[block_of_param(n) == "block3" for n in weights]] > 0).all()
+    chosen = updated_percent(run, 1, ["block1", "block3"])
+    assert list(chosen.index) == [n for n in weights if block_of_param(n) in ("block1", "block3")]
+    at = read_run_files("AT", root / "AT")  # a run without frozen layers: its recorded rows as they are
+    assert list(updated_percent(at, 2, [])) == pytest.approx(
+        [100 * r["updated_fraction"] for r in runs.read_jsonl(root / "AT" / "layer_stats.jsonl")
+         if r["epoch"] == 2 and len(r["shape"]) > 1])
+
+
+def test_summary_table_is_padded(root):
+    html = summary_table([read_run_files("AT", root / "AT")], "adversarial", 2)
+    assert "<style>" in html and "padding" in html and "class='layerlab-summary'" in html
+
+
+def test_app_says_runs_can_be_multi_selected(app):
+    assert "several runs" in app.hint.value and app.hint in app.children[1].children[0].children
+
+
 def test_nearest_checkpoint_and_summary_table(root):
     run = read_run_files("AT", root / "AT")
     assert set(run.lsc["checkpoint"]) == {"epoch-1", "epoch-2", "epoch-3"}
@@ -200,16 +243,36 @@ def test_empty_root_builds(tmp_path):
 
 
 def test_app_notebook_and_voila_command(root, tmp_path):
-    from layerlab.explore import app_notebook, voila_command
+    from layerlab.explore import KERNEL_CULL_IDLE, KERNEL_CULL_INTERVAL, app_notebook, voila_command
 
     path = app_notebook(root, tmp_path / "app.ipynb")
     nb = json.loads(path.read_text())
-    assert [c["cell_type"] for c in nb["cells"]] == ["code"]
-    assert f"layerlab.explore({str(root)!r})" in "".join(nb["cells"][0]["source"])
+    assert [c["cell_type"] for c in nb["cells"]] == ["markdown", "code"]  # the message needs no kernel
+    assert "Loading the layerlab explorer" in "".join(nb["cells"][0]["source"])
+    assert f"layerlab.explore({str(root)!r})" in "".join(nb["cells"][1]["source"])
     cmd = voila_command(path, port=9999)
     assert cmd[:3] == [sys.executable, "-m", "voila"] and str(path) in cmd
     assert "--port=9999" in cmd and "--Voila.ip=127.0.0.1" in cmd and "--no-browser" in cmd
+    assert "--VoilaConfiguration.progressive_rendering=True" in cmd
+    assert f"--MappingKernelManager.cull_idle_timeout={KERNEL_CULL_IDLE}" in cmd
+    assert f"--MappingKernelManager.cull_interval={KERNEL_CULL_INTERVAL}" in cmd
+    assert "--MappingKernelManager.cull_idle_timeout=5" in voila_command(path, cull_idle=5)
     assert "--no-browser" not in voila_command(path, open_browser=True)
+
+
+def test_cli_explore_serves_with_kernel_culling(root, monkeypatch):
+    """``layerlab explore`` execs the Voilà command line, culling flags included."""
+    from typer.testing import CliRunner
+
+    from layerlab import cli
+
+    seen = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: seen.append(argv))
+    result = CliRunner().invoke(cli.app, ["explore", "--runs", str(root), "--no-browser", "--port", "9998"])
+    assert result.exit_code == 0, result.output
+    (argv,) = seen
+    assert "--port=9998" in argv and any(a.startswith("--MappingKernelManager.cull_idle_timeout=") for a in argv)
+    assert Path(argv[3]).name == "explorer.ipynb" and "markdown" in Path(argv[3]).read_text()
 
 
 def test_cli_explore_rejects_a_missing_run_root(tmp_path):
