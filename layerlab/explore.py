@@ -6,7 +6,8 @@ from the runs' own files only (no model is loaded):
 * accuracy curves and a per-epoch table (``metrics.jsonl``), with the chosen epoch marked;
 * the natural-vs-adversarial CKA heatmap of the focus run, restricted to the chosen blocks (``cka.json``);
 * mean |gradient| per block and the percentage of weights updated per layer at the chosen epoch, for every
-  chosen run (``layer_stats.jsonl``; 100 - updated = the share a mask such as CURE's RGP kept fixed);
+  chosen run (``layer_stats.jsonl``; 100 - updated = the share a mask such as CURE's RGP kept fixed; the layers
+  a U-spec run froze are at 0%);
 * the LSC loss landscapes of the checkpoint nearest the chosen epoch and the removal rate over training
   (``lsc.csv``, ``removal_rate.csv``).
 
@@ -16,7 +17,9 @@ short adversarial run (:func:`layerlab.train.train` with ``update=SPEC``, ``init
 
 The figures are PNG bytes in :class:`ipywidgets.Image` widgets and the table is HTML, so the app works the
 same in JupyterLab, in Voilà (``layerlab explore --runs ROOT``) and headless (the tests call the callbacks
-and compare the images). The module is callable: ``layerlab.explore(ROOT)`` is :func:`explore`.
+and compare the images). Served by Voilà, the page shows a loading message while the kernel starts, and the
+kernel of a page that is gone is shut down once idle (:func:`voila_command`). The module is callable:
+``layerlab.explore(ROOT)`` is :func:`explore`.
 """
 
 from __future__ import annotations
