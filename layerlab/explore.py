@@ -34,11 +34,13 @@ import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
+from ipympl.backend_nbagg import Canvas, FigureManager
+from matplotlib.figure import Figure
 
 from layerlab import runs
 from layerlab.analysis.curves import curves_of
@@ -47,7 +49,7 @@ from layerlab.config import TrainConfig
 from layerlab.plots.cka import cka_view, draw_cka
 from layerlab.plots.curves import draw_curves
 from layerlab.plots.lsc import draw_lsc_landscape, draw_removal_rate
-from layerlab.plots.style import new_figure
+from layerlab.plots.style import apply_style
 from layerlab.train import splits_for, train
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "cka.json", "layer_stats.jsonl", "lsc.csv",
@@ -56,6 +58,8 @@ MODES = {"natural": ("natural_acc", "val_natural_acc"), "adversarial": ("robust_
 WHATIF_DIR = "whatif"
 WHATIF_TRAIN_SIZE = 1000  # what-if runs are smoke-scale: at most this many training images
 APP_CLASS = "layerlab-explorer"
+FIGURE_CLASS = "layerlab-figure"
+PANEL_DPI = 80  # pixels per inch of the figure panels and their PNG snapshots (figure sizes are in inches)
 TABLE_CSS = ("<style>.layerlab-summary {border-collapse: collapse; margin: 6px 0}"
              " .layerlab-summary th, .layerlab-summary td {padding: 3px 12px; text-align: right;"
              " border-bottom: 1px solid #ddd; white-space: nowrap}"
@@ -185,44 +189,38 @@ def updated_percent(run: RunFiles, epoch: int, blocks: Sequence[str]) -> pd.Seri
 
 
 # --------------------------------------------------------------------------------------
-# panels: each returns PNG bytes
+# panels: each draws into the figure it is given
 # --------------------------------------------------------------------------------------
 
 
-def _png(fig) -> bytes:
-    """The figure as PNG bytes (and closed)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+def _axes(fig: Figure, ncols: int, width: float, height: float) -> np.ndarray:
+    """Clear ``fig`` and give it a styled row of ``ncols`` axes, each ``width`` x ``height`` inches."""
+    apply_style()
+    fig.clear()
+    fig.set_size_inches(width * ncols, height)
+    return fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _message(text: str, title: str) -> bytes:
-    """A small figure that says why a panel is empty."""
-    fig, axes = new_figure(width=5.0, height=3.4)
-    ax = axes[0, 0]
+def _message(fig: Figure, text: str, title: str) -> None:
+    """Say in ``fig`` why a panel is empty."""
+    ax = _axes(fig, 1, width=5.0, height=3.4)[0]
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
-    return _png(fig)
 
 
-def render_curves(selected: Sequence[RunFiles], mode: str, epoch: int) -> bytes:
+def render_curves(fig: Figure, selected: Sequence[RunFiles], mode: str, epoch: int) -> None:
     """Test (solid) and validation (dashed) accuracy of each run per epoch, the chosen epoch marked."""
     if not selected:
-        return _message("select one or more runs", "accuracy")
+        return _message(fig, "select one or more runs", "accuracy")
     test_key, _ = MODES[mode]
     df = curves_of({run.label: run.metrics for run in selected})
-    fig, axes = new_figure(width=5.6, height=3.6)
-    ax = axes[0, 0]
+    ax = _axes(fig, 1, width=5.6, height=3.6)[0]
     draw_curves(df, ax, "test", test_key, {run.label: f"C{i % 10}" for i, run in enumerate(selected)},
                 with_val=True)
     ax.axvline(epoch, color="0.3", linewidth=1, linestyle=":")
     ax.set(xlabel="epoch", ylabel=f"{mode} accuracy (%)", title=f"{mode} accuracy (solid test, dashed val)")
     ax.legend(fontsize="x-small")
-    return _png(fig)
 
 
 def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
@@ -249,22 +247,20 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
     return f"{TABLE_CSS}<table class='layerlab-summary'>{head}{''.join(body)}</table>"
 
 
-def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
+def render_cka(fig: Figure, run: RunFiles | None, blocks: Sequence[str]) -> None:
     """The run's CKA matrix (rows natural, columns adversarial inputs) over the chosen blocks."""
     if run is None:
-        return _message("select a focus run", "CKA")
+        return _message(fig, "select a focus run", "CKA")
     if run.cka is None:
-        return _message(f"no cka.json in {run.label}\n(layerlab cka --run {run.path})", f"CKA: {run.label}")
+        return _message(fig, f"no cka.json in {run.label}\n(layerlab cka --run {run.path})", f"CKA: {run.label}")
     data = run.cka
     rows, cols, matrix = cka_view(data, blocks)
     if not matrix.size:
-        return _message("none of the chosen blocks is in cka.json", f"CKA: {run.label}")
-    fig, axes = new_figure(width=4.8, height=4.0)
-    ax = axes[0, 0]
+        return _message(fig, "none of the chosen blocks is in cka.json", f"CKA: {run.label}")
+    ax = _axes(fig, 1, width=4.8, height=4.0)[0]
     draw_cka(ax, rows, cols, matrix, annot=len(matrix) <= 8)
     ax.set(title=f"CKA {data.get('mode', '')}: {run.label} (n={data.get('n')})",
            xlabel=data.get("col_label", "columns"), ylabel=data.get("row_label", "rows"))
-    return _png(fig)
 
 
 def stats_at(stats, epoch: int):
@@ -291,13 +287,12 @@ def block_gradients_at(stats, epoch: int, blocks: Sequence[str] = ()) -> dict[st
     return out
 
 
-def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> bytes:
+def render_grads(fig: Figure, selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> None:
     """Mean |gradient| per block and % of conv/linear weights updated per layer at ``epoch``, per run."""
     with_stats = [run for run in selected if run.stats is not None]
     if not with_stats:
-        return _message("no layer_stats.jsonl in the selected runs", "gradients and masks")
-    fig, axes = new_figure(ncols=2, width=4.6, height=3.6)
-    ax_g, ax_u = axes[0]
+        return _message(fig, "no layer_stats.jsonl in the selected runs", "gradients and masks")
+    ax_g, ax_u = _axes(fig, 2, width=4.6, height=3.6)
     grads = {run.label: block_gradients_at(run.stats, epoch, blocks) for run in with_stats}
     shown = list(dict.fromkeys(b for g in grads.values() for b in g))
     updated = {run.label: updated_percent(run, epoch, blocks) for run in with_stats}
@@ -317,7 +312,6 @@ def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int
     ax_g.legend(fontsize="x-small")
     ax_u.set(xlabel="layer (conv/linear weights, forward order)", ylabel="weights updated per step (%)",
              ylim=(0, 105), title="updated (100 - masked) per layer")
-    return _png(fig)
 
 
 def nearest_checkpoint(lsc, epoch: int) -> str:
@@ -327,16 +321,15 @@ def nearest_checkpoint(lsc, epoch: int) -> str:
     return str(cks.iloc[0]["checkpoint"])
 
 
-def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
+def render_lsc(fig: Figure, run: RunFiles | None, epoch: int) -> None:
     """LSC landscapes of the checkpoint nearest ``epoch`` and the removal rate over training (marked)."""
     if run is None:
-        return _message("select a focus run", "LSC")
+        return _message(fig, "select a focus run", "LSC")
     if run.lsc is None:
-        return _message(f"no lsc.csv in {run.label}\n(layerlab lsc --run {run.path})", f"LSC: {run.label}")
+        return _message(fig, f"no lsc.csv in {run.label}\n(layerlab lsc --run {run.path})", f"LSC: {run.label}")
     chosen = nearest_checkpoint(run.lsc, epoch)
     part = run.lsc[run.lsc["checkpoint"] == chosen]
-    fig, axes = new_figure(ncols=2, width=4.4, height=3.6)
-    ax_l, ax_r = axes[0]
+    ax_l, ax_r = _axes(fig, 2, width=4.4, height=3.6)
     draw_lsc_landscape(part, ax_l, f"{run.label}: {chosen}")
     if run.removal is not None:
         rem = run.removal.sort_values("epoch")
@@ -346,7 +339,6 @@ def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
         ax_r.set_title("removal rate")
     else:
         ax_r.axis("off")
-    return _png(fig)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,8 +394,31 @@ def _progress_callback(bar: widgets.IntProgress, label: widgets.HTML):
 # --------------------------------------------------------------------------------------
 
 
-def _image() -> widgets.Image:
-    return widgets.Image(format="png", layout=widgets.Layout(width="50%", object_fit="contain"))
+class FigurePanel(widgets.Box):
+    """One figure of the app in an ipympl canvas: zoom and pan from its toolbar (shown while the mouse is over
+    the figure), the data under the cursor below it. :attr:`png` is the figure as PNG bytes (snapshots, tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_class(FIGURE_CLASS)
+        self.figure = Figure(dpi=PANEL_DPI)
+        self.canvas = Canvas(self.figure)
+        self.canvas.header_visible = False
+        FigureManager(self.canvas, 0)  # gives the canvas its toolbar
+        self.children = (self.canvas,)
+
+    def draw(self, render: Callable[..., None], *args: Any) -> None:
+        """Redraw the figure with ``render(figure, *args)``; zoom and pan start afresh."""
+        render(self.figure, *args)
+        self.figure.tight_layout()  # the canvas shows the whole figure: keep the labels inside it
+        self.canvas.toolbar.update()
+        self.canvas.draw_idle()
+
+    @property
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=PANEL_DPI, bbox_inches="tight")
+        return buf.getvalue()
 
 
 class Explorer(widgets.VBox):
@@ -431,7 +446,7 @@ class Explorer(widgets.VBox):
         self.rescan_button = widgets.Button(description="rescan runs", icon="refresh")
         self.status = widgets.HTML()
 
-        self.curves_image, self.cka_image, self.grads_image, self.lsc_image = _image(), _image(), _image(), _image()
+        self.curves_panel, self.cka_panel, self.grads_panel, self.lsc_panel = (FigurePanel() for _ in range(4))
         self.table = widgets.HTML()
 
         self.whatif_base = widgets.Dropdown(description="start from")
@@ -446,8 +461,8 @@ class Explorer(widgets.VBox):
         controls = widgets.HBox([widgets.VBox([widgets.HBox([self.run_select, self.block_select]), self.hint]),
                                  widgets.VBox([widgets.HBox([self.play, self.epoch]), self.mode, self.focus,
                                                self.rescan_button, self.status])])
-        panels = widgets.VBox([widgets.HBox([self.curves_image, self.cka_image]),
-                               widgets.HBox([self.grads_image, self.lsc_image])])
+        panels = widgets.Box([self.curves_panel, self.cka_panel, self.grads_panel, self.lsc_panel],
+                             layout=widgets.Layout(flex_flow="row wrap"))  # as many side by side as fit
         whatif = widgets.VBox([widgets.HBox([self.whatif_base, self.whatif_blocks]),
                                widgets.HBox([self.whatif_reinit, self.whatif_epochs]),
                                widgets.HBox([self.whatif_button, self.whatif_progress]), self.whatif_log])
@@ -575,17 +590,17 @@ class Explorer(widgets.VBox):
 
     def update_curves(self) -> None:
         chosen = self.selected()
-        self.curves_image.value = render_curves(chosen, self.mode.value, self.epoch.value)
+        self.curves_panel.draw(render_curves, chosen, self.mode.value, self.epoch.value)
         self.table.value = summary_table(chosen, self.mode.value, self.epoch.value)
 
     def update_cka(self) -> None:
-        self.cka_image.value = render_cka(self.focus_run(), self.block_select.value)
+        self.cka_panel.draw(render_cka, self.focus_run(), self.block_select.value)
 
     def update_grads(self) -> None:
-        self.grads_image.value = render_grads(self.selected(), self.block_select.value, self.epoch.value)
+        self.grads_panel.draw(render_grads, self.selected(), self.block_select.value, self.epoch.value)
 
     def update_lsc(self) -> None:
-        self.lsc_image.value = render_lsc(self.focus_run(), self.epoch.value)
+        self.lsc_panel.draw(render_lsc, self.focus_run(), self.epoch.value)
 
     def redraw(self) -> None:
         """Redraw every panel."""
@@ -599,10 +614,10 @@ class Explorer(widgets.VBox):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for name, image in (("curves", self.curves_image), ("cka", self.cka_image), ("grads", self.grads_image),
-                            ("lsc", self.lsc_image)):
+        for name, panel in (("curves", self.curves_panel), ("cka", self.cka_panel), ("grads", self.grads_panel),
+                            ("lsc", self.lsc_panel)):
             paths[name] = out / f"explorer_{name}.png"
-            paths[name].write_bytes(image.value)
+            paths[name].write_bytes(panel.png)
         paths["table"] = out / "explorer_table.html"
         paths["table"].write_text(self.table.value)
         return paths

@@ -77,7 +77,8 @@ class Page:
         end = time.time() + timeout
         while not (value := await self.evaluate(expression)):
             if time.time() > end:
-                raise TimeoutError(what)
+                state = await self.evaluate(f"JSON.stringify({{view: {VIEW}, drawn: llFigures().map(llDrawn)}})")
+                raise TimeoutError(f"{what}; the page shows {state}")
             await asyncio.sleep(0.1)
         return value
 
@@ -87,22 +88,35 @@ class Page:
 
 
 APP = "document.querySelector('.layerlab-explorer')"
+# page helpers: the explorer's figures (ipympl canvases) and a fingerprint of the pixels each one shows
+HELPERS = """
+window.llFigures = () => Array.from(document.querySelectorAll('.layerlab-explorer .layerlab-figure'));
+window.llPixels = fig => {
+  const c = fig.querySelector('canvas'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let h = 0;
+  for (let i = 0; i < d.length; i += 4 * 7) h = (Math.imul(h, 31) + d[i] + 3 * d[i + 1] + 7 * d[i + 2] + d[i + 3]) | 0;
+  return c.width + 'x' + c.height + ':' + h;
+};
+window.llDrawn = fig => {
+  const c = fig.querySelector('canvas'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  for (let i = 3; i < d.length; i += 4 * 97) if (d[i]) return true;
+  return false;
+};
+"""
 EPOCH_SLIDER = ("Array.from(document.querySelectorAll('.widget-hslider'))"
                 ".find(s => s.querySelector('.widget-label').innerText.trim() === 'epoch')")
-# the explorer's state as a person sees it: the table's text, the epoch readout and the four figures' sources
+# the explorer's state as a person sees it: the table's text, the epoch readout and the four figures' pixels
 VIEW = (f"({APP} ? {{table: {APP}.querySelector('.layerlab-summary').innerText,"
         f" epoch: {EPOCH_SLIDER}.querySelector('.widget-readout').innerText,"
-        f" images: Array.from({APP}.querySelectorAll('img')).map(i => i.src)}} : null)")
-FIGURES_READY = (f"{APP} && Array.from({APP}.querySelectorAll('img'))"
-                 ".filter(i => i.complete && i.naturalWidth > 0).length >= 4")
+        " images: llFigures().map(llPixels)} : null)")
+FIGURES_READY = f"{APP} && llFigures().length === 4 && llFigures().every(llDrawn)"
 CTRL = 2  # the DevTools protocol's modifier bit for Ctrl
 
 
-def changed(view: dict) -> str:
-    """A page expression: every figure has loaded, and the table and the gradient panel (which the app redraws
-    after the table and the curves) differ from ``view``."""
+def changed(view: dict, figure: int) -> str:
+    """A page expression: every figure is drawn, and the table and figure number ``figure`` differ from ``view``."""
     return (f"{FIGURES_READY} && {APP}.querySelector('.layerlab-summary').innerText !== {json.dumps(view['table'])}"
-            f" && {APP}.querySelectorAll('img')[2].src !== {json.dumps(view['images'][2])}")
+            f" && llPixels(llFigures()[{figure}]) !== {json.dumps(view['images'][figure])}")
 
 
 def centre(rect: dict) -> tuple[float, float]:
@@ -110,9 +124,10 @@ def centre(rect: dict) -> tuple[float, float]:
 
 
 async def use_explorer(url: str, devtools_port: int, timeout: float = 150.0) -> dict:
-    """Open the served explorer, then as a person would: ctrl-click the ST run into the selection and drag the
-    epoch slider to its start. Returns the views after each step, the seconds from navigation to the first
-    text, the loading message and the first view, the page's uncaught exceptions and a screenshot."""
+    """Open the served explorer, then as a person would: ctrl-click the ST run into the selection, drag the
+    epoch slider to its start, hover over the accuracy curves and zoom into them. Returns the views after each
+    step, the hover readout, the seconds from navigation to the first text, the loading message and the first
+    view, the page's uncaught exceptions and a screenshot."""
     targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json", timeout=10))
     target = next(t for t in targets if t["type"] == "page")
     out: dict = {"seconds": {}}
@@ -120,6 +135,7 @@ async def use_explorer(url: str, devtools_port: int, timeout: float = 150.0) -> 
         page = Page(ws)
         await page.call("Runtime.enable")
         await page.call("Page.enable")
+        await page.call("Page.addScriptToEvaluateOnNewDocument", source=HELPERS)
         start = time.time()
         await page.call("Page.navigate", url=url)
         text = "(document.body ? document.body.innerText : '')"
@@ -144,7 +160,7 @@ async def use_explorer(url: str, devtools_port: int, timeout: float = 150.0) -> 
         x, y = centre(rect)
         await page.mouse("mousePressed", x, y, CTRL)
         await page.mouse("mouseReleased", x, y, CTRL)
-        await page.wait(changed(out["first"]), 60, "clicking the ST run did not change the view")
+        await page.wait(changed(out["first"], 2), 60, "clicking the ST run did not change the view")
         out["run clicked"] = await page.evaluate(VIEW)
 
         # drag the epoch slider's handle to the left end of its track
@@ -157,8 +173,30 @@ async def use_explorer(url: str, devtools_port: int, timeout: float = 150.0) -> 
         for step in range(1, 11):
             await page.mouse("mouseMoved", x + (track["x"] - 20 - x) * step / 10, y)
         await page.mouse("mouseReleased", track["x"] - 20, y)
-        await page.wait(changed(out["run clicked"]), 60, "moving the epoch slider did not change the view")
+        await page.wait(changed(out["run clicked"], 3), 60, "moving the epoch slider did not change the view")
         out["slider moved"] = await page.evaluate(VIEW)
+
+        # hover over the accuracy curves: the figure's footer reads the coordinates under the cursor
+        curves = "llFigures()[0]"
+        rect = await page.evaluate(f"(() => {{ {curves}.scrollIntoView(); return {curves}.querySelector('canvas')"
+                                   ".getBoundingClientRect().toJSON(); })()")
+        x, y = centre(rect)
+        await page.mouse("mouseMoved", x, y)
+        out["hover"] = await page.wait(f"{curves}.querySelector('.jupyter-matplotlib-footer').innerText.trim()", 30,
+                                       "hovering over the curves shows no coordinates")
+        # zoom: the toolbar's zoom button, then drag a rectangle over the middle of the curves
+        button = await page.evaluate(f"Array.from({curves}.querySelectorAll('button')).find("
+                                     "b => b.title.startsWith('Zoom')).getBoundingClientRect().toJSON()")
+        await page.mouse("mousePressed", *centre(button))
+        await page.mouse("mouseReleased", *centre(button))
+        await page.mouse("mousePressed", x - rect["width"] / 6, y - rect["height"] / 6)
+        for step in range(1, 6):
+            await page.mouse("mouseMoved", x - rect["width"] / 6 + rect["width"] / 15 * step,
+                             y - rect["height"] / 6 + rect["height"] / 15 * step)
+        await page.mouse("mouseReleased", x + rect["width"] / 6, y + rect["height"] / 6)
+        before = json.dumps(out["slider moved"]["images"][0])
+        await page.wait(f"llPixels({curves}) !== {before}", 30, "zooming did not change the curves")
+        out["zoomed"] = await page.evaluate(VIEW)
         shot = await page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         out["dom"] = await page.evaluate("document.documentElement.outerHTML")
         out["errors"] = page.errors
@@ -183,7 +221,8 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 def test_explorer_in_chromium(run_root, tmp_path, capsys):
     """The served explorer shows a loading message, then the app; a click on a run and a drag of the epoch
-    slider change what is shown; once the browser is gone, Voilà culls the idle kernel."""
+    slider change what is shown; a figure reads the coordinates under the cursor and zooms; once the browser is
+    gone, Voilà culls the idle kernel."""
     from PIL import Image, ImageStat
 
     import layerlab
@@ -239,6 +278,11 @@ def test_explorer_in_chromium(run_root, tmp_path, capsys):
     assert first["epoch"] == clicked["epoch"] == "3" and moved["epoch"] == "1"
     assert [line.split("\t")[3] for line in moved["table"].splitlines()[1:]] == ["1", "1"]
     assert moved["images"][0] != clicked["images"][0] and moved["images"][2] != clicked["images"][2]
+    assert moved["images"][3] != clicked["images"][3]  # the LSC checkpoint nearest the epoch
+    # the figures are interactive: coordinates under the cursor, and a zoom redraws the curves (only)
+    assert "x" in seen["hover"] and "y" in seen["hover"], seen["hover"]
+    zoomed = seen["zoomed"]
+    assert zoomed["images"][0] != moved["images"][0] and zoomed["images"][1:] == moved["images"][1:]
     assert "Culling 'idle' kernel" in culled, "Voilà kept the kernel of a closed page"
 
     image = Image.open(io.BytesIO(seen["png"])).convert("L")

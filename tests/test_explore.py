@@ -41,9 +41,9 @@ def app(root) -> Explorer:
     return Explorer(root, select=["AT", "ST"])
 
 
-def png(image) -> bytes:
-    """An Image widget's value as bytes (ipywidgets may hold a memoryview)."""
-    return bytes(image.value)
+def png(panel) -> bytes:
+    """What a figure panel shows, as PNG bytes."""
+    return panel.png
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -76,40 +76,72 @@ def test_app_builds_every_panel(app, root):
     assert app.run_select.value == ("AT", "ST")
     assert app.block_select.options == ("stem", "block1", "block2", "block3", "block4", "head")
     assert app.epoch.max == 3 and app.epoch.value == 3 and app.play.value == 3
-    for image in (app.curves_image, app.cka_image, app.grads_image, app.lsc_image):
+    for image in (app.curves_panel, app.cka_panel, app.grads_panel, app.lsc_panel):
         assert png(image).startswith(PNG) and len(png(image)) > 5000
     assert app.whatif_base.options == ("ST",)
     assert app.whatif_blocks.options == ("block1", "block2", "block3", "block4", "head")
     assert "AT" in app.table.value and "ST" in app.table.value
 
 
+def test_panels_are_interactive_canvases(app):
+    """Each figure is an ipympl canvas with a zoom/pan toolbar; after a redraw the canvas still turns a mouse
+    move over the data into the coordinates in its footer, and a zoom drag into new axis limits."""
+    from ipympl.backend_nbagg import Canvas
+
+    for panel in (app.curves_panel, app.cka_panel, app.grads_panel, app.lsc_panel):
+        assert panel.children == (panel.canvas,) and isinstance(panel.canvas, Canvas)
+        assert panel.canvas.figure is panel.figure and panel.canvas.footer_visible
+        assert {"zoom", "pan", "home"} <= {item[3] for item in panel.canvas.toolbar.toolitems}
+    app.epoch.value = 2  # a redraw
+    canvas, ax = app.curves_panel.canvas, app.curves_panel.figure.axes[0]
+    canvas.draw()
+    height = canvas.get_renderer().height
+
+    def mouse(kind: str, x: float, y: float, buttons: int = 0) -> None:  # what the browser sends, y from the top
+        canvas._handle_message(canvas, {"type": kind, "x": x, "y": height - y, "button": 0, "buttons": buttons,
+                                        "modifiers": []}, [])
+
+    x, y = ax.transData.transform((2, 1))
+    mouse("motion_notify", x, y)
+    assert "2.0" in canvas._message and "1.0" in canvas._message, canvas._message
+    xlim = ax.get_xlim()
+    canvas.toolbar.zoom()
+    (x0, y0), (x1, y1) = ax.transData.transform([(1.5, 0.5), (2.5, 2)])
+    mouse("button_press", x0, y0, 1)
+    mouse("motion_notify", x1, y1, 1)
+    mouse("button_release", x1, y1, 0)
+    assert ax.get_xlim() == pytest.approx((1.5, 2.5), abs=0.05) and ax.get_xlim() != xlim
+
+
 def test_epoch_scrub_redraws_curves_table_grads_and_lsc(app, root):
-    before = {k: png(getattr(app, k)) for k in ("curves_image", "grads_image", "lsc_image", "cka_image")}
+    before = {k: png(getattr(app, k)) for k in ("curves_panel", "grads_panel", "lsc_panel", "cka_panel")}
     app.epoch.value = 1  # the observer runs on_epoch
-    for key in ("curves_image", "grads_image", "lsc_image"):
+    for key in ("curves_panel", "grads_panel", "lsc_panel"):
         assert png(getattr(app, key)) != before[key], key
-    assert png(app.cka_image) == before["cka_image"]  # the CKA of the best checkpoint does not depend on it
+    after = png(app.curves_panel)
+    assert png(app.cka_panel) == before["cka_panel"]  # the CKA of the best checkpoint does not depend on it
     row = metrics(root / "AT")[1]
     assert f"<b>{row['robust_acc']:.1f}</b>" in app.table.value
-    # calling the callback directly redraws from the files again
-    app.curves_image.value = b""
+    # calling the callback directly redraws from the files again, in the same canvas
+    app.curves_panel.figure.clear()
     app.on_epoch()
-    assert png(app.curves_image).startswith(PNG)
+    assert app.curves_panel.children == (app.curves_panel.canvas,) and app.curves_panel.figure.axes
+    assert png(app.curves_panel) == after
 
 
 def test_mode_toggle_switches_natural_and_adversarial(app, root):
-    adversarial = png(app.curves_image)
+    adversarial = png(app.curves_panel)
     app.mode.value = "natural"
-    assert png(app.curves_image) != adversarial
+    assert png(app.curves_panel) != adversarial
     row = metrics(root / "AT")[3]
     assert f"<b>{row['natural_acc']:.1f}</b>" in app.table.value
     assert f"<b>{row['robust_acc']:.1f}</b>" not in app.table.value or row["robust_acc"] == row["natural_acc"]
 
 
 def test_block_choice_restricts_cka_and_gradients(app, root):
-    cka, grads = png(app.cka_image), png(app.grads_image)
+    cka, grads = png(app.cka_panel), png(app.grads_panel)
     app.block_select.value = ("block2", "block3")
-    assert png(app.cka_image) != cka and png(app.grads_image) != grads
+    assert png(app.cka_panel) != cka and png(app.grads_panel) != grads
     data = runs.read_json(root / "AT" / "cka.json")
     rows, cols, matrix = cka_view(data, ["block2", "block3"])
     assert rows == cols == ["block2", "block3"]
@@ -119,10 +151,10 @@ def test_block_choice_restricts_cka_and_gradients(app, root):
 
 
 def test_focus_run_switches_cka_and_lsc(app):
-    cka, lsc = png(app.cka_image), png(app.lsc_image)
+    cka, lsc = png(app.cka_panel), png(app.lsc_panel)
     app.focus.value = "ST"  # ST has neither cka.json nor lsc.csv: the panels say so
-    assert png(app.cka_image) != cka and png(app.lsc_image) != lsc
-    assert png(app.cka_image).startswith(PNG)
+    assert png(app.cka_panel) != cka and png(app.lsc_panel) != lsc
+    assert png(app.cka_panel).startswith(PNG)
 
 
 def test_block_gradients_match_an_independent_average(root):
@@ -200,7 +232,7 @@ def test_spec_of():
 def test_save_writes_the_panels(app, tmp_path):
     paths = app.save(tmp_path)
     assert sorted(paths) == ["cka", "curves", "grads", "lsc", "table"]
-    assert paths["curves"].read_bytes() == png(app.curves_image)
+    assert paths["curves"].read_bytes() == png(app.curves_panel)
 
 
 def test_whatif_run_freezes_blocks_and_joins_the_selection(app, root):
@@ -238,7 +270,7 @@ def test_empty_root_builds(tmp_path):
     assert app.run_select.options == ()
     assert "no runs" in app.status.value
     assert app.whatif_button.disabled
-    assert png(app.curves_image).startswith(PNG)
+    assert png(app.curves_panel).startswith(PNG)
     assert app.table.value == "<p>no runs selected</p>"
 
 
