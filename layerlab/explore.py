@@ -15,9 +15,10 @@ A "what if" panel freezes every block but a chosen set, starts from an ST run of
 short adversarial run (:func:`layerlab.train.train` with ``update=SPEC``, ``init=ST/best.pt``) into
 ``ROOT/whatif/U-SPEC``, with a progress bar; when it finishes the new run is selected next to the others.
 
-The figures are PNG bytes in :class:`ipywidgets.Image` widgets and the table is HTML, so the app works the
-same in JupyterLab, in Voilà (``layerlab explore --runs ROOT``) and headless (the tests call the callbacks
-and compare the images). Served by Voilà, the page shows a loading message while the kernel starts, and the
+Each figure is drawn by matplotlib into an ipympl canvas widget (:class:`FigurePanel`: zoom and pan from its
+toolbar, the data under the cursor below it) and the table is HTML, so the app works the same in JupyterLab,
+in Voilà (``layerlab explore --runs ROOT``) and headless (the tests call the callbacks and compare the
+figures as PNG). Served by Voilà, the page shows a loading message while the kernel starts, and the
 kernel of a page that is gone is shut down once idle (:func:`voila_command`). The module is callable:
 ``layerlab.explore(ROOT)`` is :func:`explore`.
 """
@@ -180,7 +181,7 @@ def updated_percent(run: RunFiles, epoch: int, blocks: Sequence[str]) -> pd.Seri
     frame = frame[frame["shape"].map(len) > 1]
     updated = 100 * frame.set_index("param")["updated_fraction"]
     if run.frozen:
-        layers = weight_layers(run.config["model"], float(run.config.get("width", 1.0)))
+        layers = weight_layers(run.config["model"], float(run.config["width"]))
         updated = updated.reindex([name for name, _ in layers], fill_value=0.0)
         part = dict(layers)
     else:
