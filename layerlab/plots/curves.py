@@ -1,4 +1,4 @@
-"""Robust-overfitting curves across runs (CURE Fig. 4, 5c; RWP Fig. 1a) from ``curves.csv`` and
+"""Robust-overfitting curves across runs (CURE Fig. 4, 5c; RWP Fig. 3c) from ``curves.csv`` and
 ``overfitting.csv`` only."""
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ PANELS = (("test", "robust_acc", "test robust accuracy (%)"), ("test", "natural_
           ("train", "acc", "training accuracy (%)"))
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+
+
 def draw_curves(df: pd.DataFrame, ax, split: str, metric: str, colours: dict[str, Any], *,
                 with_val: bool = False) -> None:
-    """One line per run of a tidy curves frame (``curves.csv``): ``split``/``metric`` against the epoch, and with
-    ``with_val`` the validation curve of ``metric`` dashed beside it."""
-    for run in colours:
+    """One line per run of a tidy curves frame (``curves.csv``): ``split``/``metric`` against the epoch, each run
+    with its own colour and marker, and with ``with_val`` the validation curve of ``metric`` dashed beside it."""
+    for i, run in enumerate(colours):
         line = df[(df["run"] == run) & (df["split"] == split) & (df["metric"] == metric)].sort_values("epoch")
-        ax.plot(line["epoch"], line["value"], color=colours[run], label=run)
+        ax.plot(line["epoch"], line["value"], color=colours[run], label=run, marker=MARKERS[i % len(MARKERS)],
+                markersize=4)
         if with_val:
             val = df[(df["run"] == run) & (df["split"] == "val") & (df["metric"] == metric)].sort_values("epoch")
             ax.plot(val["epoch"], val["value"], color=colours[run], linestyle="--", linewidth=1)
@@ -30,14 +34,18 @@ def draw_curves(df: pd.DataFrame, ax, split: str, metric: str, colours: dict[str
 
 
 def run_colours(df: pd.DataFrame) -> dict[str, Any]:
-    """A colour-blind-safe colour per run of a curves frame, in order of appearance."""
+    """A colour per run of a curves frame, in order of appearance: the colour-blind-safe palette while it has
+    enough colours, else evenly spaced hues (a palette cycled over more runs would repeat colours)."""
     names = list(dict.fromkeys(df["run"]))
-    return dict(zip(names, sns.color_palette("colorblind", len(names))))
+    palette = sns.color_palette("colorblind" if len(names) <= 8 else "husl", len(names))
+    return dict(zip(names, palette))
 
 
-def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path: str | Path) -> Path:
+def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path: str | Path,
+                title: str | None = None) -> Path:
     """Three panels (test robust, test natural, training accuracy) with one line per run; the test robust panel
-    also shows the validation robust accuracy (dashed) and marks each run's best epoch."""
+    also shows the validation robust accuracy (dashed) and marks each run's best epoch. The legend sits beside
+    the panels; ``title`` names the figure."""
     df = pd.read_csv(curves_csv)
     if df.empty:
         raise ValueError(f"{curves_csv} has no rows")
@@ -57,5 +65,7 @@ def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path
     axes[0, 0].set_title("robust (solid test, dashed val, ★ best)")
     axes[0, 1].set_title("natural (test)")
     axes[0, 2].set_title("training")
-    axes[0, 0].legend(fontsize="x-small")
+    axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return save(fig, path)
