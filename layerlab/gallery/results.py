@@ -119,12 +119,14 @@ def _estimate(values: Sequence[float]) -> Estimate:
 
 
 def _put(row: dict[str, Any], name: str, values: Sequence[float | None]) -> None:
-    """``name`` (mean) and ``name_std`` over the seeds; NaN unless every seed has the number."""
+    """``name`` (mean) and ``name_std`` (sample std; NaN for one seed) over the seeds; NaN unless every seed has
+    the number."""
+    row[name] = row[f"{name}_std"] = float("nan")
     if values and all(v is not None for v in values):
         est = _estimate([float(v) for v in values])
-        row[name], row[f"{name}_std"] = est.mean, est.std
-    else:
-        row[name], row[f"{name}_std"] = float("nan"), float("nan")
+        row[name] = est.mean
+        if est.n > 1:
+            row[f"{name}_std"] = est.std
 
 
 def seed_table(run_dirs: dict[str, Path], checkpoints: Sequence[str] = CHECKPOINTS) -> pd.DataFrame:

@@ -28,6 +28,11 @@ def std_of(table: pd.DataFrame, col: str) -> np.ndarray:
     return table[f"{col}_std"].astype(float).fillna(0.0).to_numpy()
 
 
+def bars(errors: np.ndarray) -> np.ndarray | None:
+    """Error bars to draw: None when every one is 0 (single seeds), so no caps are drawn at the points."""
+    return errors if np.any(errors > 0) else None
+
+
 def seeds_note(table: pd.DataFrame) -> str:
     """``n=3 seeds, 1000 test images`` from a table's ``n_seeds`` and ``n_images`` columns (blank without them)."""
     parts = []
@@ -54,8 +59,8 @@ def _headroom(values: np.ndarray, errors: np.ndarray) -> float:
 def draw_freeze_panel(part: pd.DataFrame, ax, title: str) -> None:
     """Natural and robust accuracy bars (mean +- std over seeds) of ST, SAT and each U-spec model."""
     x = np.arange(len(part))
-    ax.bar(x - 0.2, part["natural"], width=0.4, yerr=std_of(part, "natural"), capsize=2, label="natural")
-    ax.bar(x + 0.2, part["robust"], width=0.4, yerr=std_of(part, "robust"), capsize=2,
+    ax.bar(x - 0.2, part["natural"], width=0.4, yerr=bars(std_of(part, "natural")), capsize=2, label="natural")
+    ax.bar(x + 0.2, part["robust"], width=0.4, yerr=bars(std_of(part, "robust")), capsize=2,
            label=f"robust ({robust_name(part)})")
     ax.set_xticks(x)
     ax.set_xticklabels(part["model"], rotation=45, ha="right")
@@ -106,7 +111,7 @@ def draw_tradeoff(table: pd.DataFrame, ax, robust: str = "robust", robust_label:
     xs, ys = rows["natural"].to_numpy(float), rows[robust].to_numpy(float)
     xerr, yerr = std_of(rows, "natural"), std_of(rows, robust)
     for x, y, dx, dy in zip(xs, ys, xerr, yerr):
-        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", markersize=6, capsize=2, zorder=2)
+        ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="o", markersize=6, capsize=2, zorder=2)
     if len(rows):
         ax.set_xlim(*_limits(xs, xerr))
         ax.set_ylim(*_limits(ys, yerr))
@@ -139,7 +144,7 @@ def draw_sweep(part: pd.DataFrame, refs: pd.DataFrame, ax, param: str) -> None:
     The natural accuracy has its own axis on the right, so neither is squeezed into 0-100."""
     part = part.sort_values("value")
     x = part["value"].to_numpy(float)
-    ax.errorbar(x, part["robust"], yerr=std_of(part, "robust"), marker="o", capsize=3, color="C0",
+    ax.errorbar(x, part["robust"], yerr=bars(std_of(part, "robust")), marker="o", capsize=3, color="C0",
                 label=f"RWP robust ({robust_name(part)})")
     for ref, std, style in zip(refs.to_dict("records"), std_of(refs, "robust"), (":", "-.", "--")):
         ax.axhline(ref["robust"], color="0.35", linestyle=style, linewidth=1.2, label=f"{ref['method']} robust")
@@ -151,7 +156,7 @@ def draw_sweep(part: pd.DataFrame, refs: pd.DataFrame, ax, param: str) -> None:
            title=f"RWP: {SWEEP_LABELS.get(param, param)} sweep")
     ax.set_xticks(x)
     nat = ax.twinx()
-    nat.errorbar(x, part["natural"], yerr=std_of(part, "natural"), marker="s", linestyle="--", capsize=3,
+    nat.errorbar(x, part["natural"], yerr=bars(std_of(part, "natural")), marker="s", linestyle="--", capsize=3,
                  color="C1", label="RWP natural")
     nat.set_ylim(*_limits(part["natural"].to_numpy(float), std_of(part, "natural")))
     nat.set_ylabel("natural accuracy (%)", color="C1")
@@ -190,7 +195,7 @@ def draw_ablation(table: pd.DataFrame, ax) -> None:
     x = np.arange(len(table))
     values, errors = [], []
     for i, (col, label) in enumerate(ABLATION_BARS):
-        ax.bar(x + (i - 1) * 0.27, table[col], width=0.27, yerr=std_of(table, col), capsize=2,
+        ax.bar(x + (i - 1) * 0.27, table[col], width=0.27, yerr=bars(std_of(table, col)), capsize=2,
                label=label or f"robust ({robust_name(table)})")
         values.append(table[col].to_numpy(float))
         errors.append(std_of(table, col))
