@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.container import BarContainer
 
@@ -203,3 +204,31 @@ def test_tables_keep_the_column_order_the_reference_tables_read(tmp_path):
     overfitting_seed_table({"AT": at}).to_csv(tmp_path / "cure_table3_overfitting.csv", index=False)
     rows = {r["method"]: r for r in comparison_rows("overfitting", tmp_path)}
     assert rows["AT"]["ours robust_last"] == 25.0  # PGD-20: the best checkpoint has no worst case
+
+
+def test_curves_of_several_seeds_are_a_mean_with_a_std_band(tmp_path, monkeypatch):
+    from layerlab.plots import curves as plots
+
+    rows = []
+    for run, shift in (("AT", 0.0), ("AT-s1", 2.0), ("AT-s2", 4.0), ("CURE", 10.0)):
+        for epoch in (1, 2, 3):
+            for split, metric in (("test", "robust_acc"), ("val", "robust_acc"), ("test", "natural_acc"),
+                                  ("train", "acc")):
+                rows.append({"run": run, "epoch": epoch, "split": split, "metric": metric,
+                             "value": 10 * epoch + shift})
+    pd.DataFrame(rows).to_csv(tmp_path / "curves.csv", index=False)
+    pd.DataFrame([{"run": r, "best_epoch": 3, "best_rob": 30 + s} for r, s in (("AT", 0), ("AT-s1", 2),
+                                                                             ("AT-s2", 4), ("CURE", 10))]).to_csv(
+        tmp_path / "overfitting.csv", index=False)
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig) or path)
+    plots.plot_curves(tmp_path / "curves.csv", tmp_path / "overfitting.csv", tmp_path / "c.png",
+                      groups={"AT": "AT", "AT-s1": "AT", "AT-s2": "AT", "CURE": "CURE"})
+    ax = figs[0].axes[0]
+    at = next(line for line in ax.lines if line.get_label() == "AT")
+    assert list(at.get_ydata()) == pytest.approx([12.0, 22.0, 32.0])  # mean of the three seeds
+    (band,) = ax.collections  # AT's +- std band; CURE is one run
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.max() - ys.min() == pytest.approx(32 + 2 - (12 - 2))  # std of (0, 2, 4) = 2
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_ydata()) == [40]  # CURE's best epoch only

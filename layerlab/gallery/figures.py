@@ -24,6 +24,7 @@ from layerlab.gallery.results import (
     lsc_result,
     minpert_attribution_results,
     overfitting_seed_table,
+    seed_runs,
     seed_table,
     shown_checkpoint,
     tradeoff_table,
@@ -105,17 +106,29 @@ def overfitting(ctx: Context) -> PathMap:
     """Robust overfitting: CURE Fig. 4 (U-spec test curves), Fig. 5c and Table 3 (best/last/delta)."""
     out = ctx.group_dir(GROUPS["overfitting"])
     models = freeze_runs(ctx, reinit=True)
-    uspec = write_curves([models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")],
-                         out / "fig4_data", plot=False)
+    uspec_runs = [models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")]
+    uspec = write_curves(with_seeds(uspec_runs), out / "fig4_data", plot=False)
     methods = method_runs(ctx, OVERFIT_METHODS)
-    compare = write_curves(list(methods.values()), out / "fig5c_data", plot=False)
+    compare = write_curves(with_seeds(methods.values()), out / "fig5c_data", plot=False)
     table = _write_csv(overfitting_seed_table({r.name: r for r in methods.values()}),
                        out / "cure_table3_overfitting.csv")
     return {"fig4": plot_curves(uspec["curves"], uspec["overfitting"], out / "cure_fig4_uspec_curves.png",
-                                title="CURE Fig. 4: SAT (AT) and the U-spec models (updated blocks re-initialized)"),
+                                title="CURE Fig. 4: SAT (AT) and the U-spec models (updated blocks re-initialized)",
+                                groups=seed_groups(uspec_runs)),
             "fig5c": plot_curves(compare["curves"], compare["overfitting"], out / "cure_fig5c_curves.png",
-                                 title=f"CURE Fig. 5c: {', '.join(r.name for r in methods.values())}"),
+                                 title=f"CURE Fig. 5c: {', '.join(r.name for r in methods.values())}",
+                                 groups=seed_groups(methods.values())),
             "table3": table}
+
+
+def with_seeds(run_dirs) -> list[Path]:
+    """Every run of ``run_dirs`` followed by its finished seed siblings (:func:`seed_runs`)."""
+    return [member for run in run_dirs for member in seed_runs(run)]
+
+
+def seed_groups(run_dirs) -> dict[str, str]:
+    """Seed run name -> the run it is a seed of, for every run of ``run_dirs``."""
+    return {member.name: Path(run).name for run in run_dirs for member in seed_runs(run)}
 
 
 @draws("tradeoff")
@@ -127,7 +140,6 @@ def tradeoff(ctx: Context) -> PathMap:
     return {"table1": _write_csv(table, out / "cure_table1_tradeoff.csv"),
             "fig1": plot_tradeoff(table, out / "cure_fig1_fig5a_tradeoff.png",
                                   checkpoint=shown_checkpoint(table, "cw_inf"))}
-
 
 
 @draws("attack_strength")
@@ -213,7 +225,7 @@ def rwp_ablations(ctx: Context) -> PathMap:
     AWP as references)."""
     out = ctx.group_dir(GROUPS["rwp_ablations"])
     base = method_runs(ctx, ["at", "awp", "rwp"])
-    curves = write_curves(list(base.values()), out / "fig3c_data", plot=False)
+    curves = write_curves(with_seeds(base.values()), out / "fig3c_data", plot=False)
     sweeps = {"c_min": ctx.s.rwp_cmins, "steps": ctx.s.rwp_steps}
     short = {"c_min": "cmin", "steps": "k"}
     points = []  # (param, value, run directory)
@@ -230,7 +242,7 @@ def rwp_ablations(ctx: Context) -> PathMap:
     table = table[["param", "value", *[c for c in table if c not in ("param", "value")]]]
     refs = every[every["method"].isin([r.name for r in refs])]
     return {"fig3c": plot_curves(curves["curves"], curves["overfitting"], out / "rwp_fig3c_curves.png",
-                                 title="RWP Fig. 3c: AT, AWP and RWP"),
+                                 title="RWP Fig. 3c: AT, AWP and RWP", groups=seed_groups(base.values())),
             "table": _write_csv(table, out / "rwp_fig3_sweeps.csv"),
             "fig3": plot_sweeps(table, refs, out / "rwp_fig3_sweeps.png")}
 

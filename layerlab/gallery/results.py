@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import pandas as pd
 
 from layerlab import runs
-from layerlab.claims import Estimate
 from layerlab.analysis.attributions import attributions_runs
 from layerlab.analysis.cka import cka_run
 from layerlab.analysis.corruptions import CORRUPTIONS, corruptions_run
 from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, recorded_epoch_checkpoints, lsc_run
 from layerlab.analysis.minimum import minpert_runs
+from layerlab.claims import Estimate
 from layerlab.evaluation import eval_file, evaluate_run
 from layerlab.experiments import group_of, seed_of
 from layerlab.gallery.runs import method_runs, summary
@@ -79,7 +79,7 @@ def evaluate_as_trained(ctx: Context, methods: Sequence[str], attacks: Sequence[
 
 
 CHECKPOINTS = ("best", "last")  # best on validation, last epoch
-# The headline robust accuracy of a group of seeds: the strongest number every seed has.
+# The headline robust accuracy of a table: the strongest measure every seed of every row has.
 ROBUST_ORDER = ("worst", "aa", "pgd20")
 ROBUST_NAMES = {"worst": "worst case", "aa": "AutoAttack", "pgd20": "PGD-20"}
 ACCURACIES = ("natural", "pgd20", "cw_inf", "aa")
@@ -118,6 +118,11 @@ def _estimate(values: Sequence[float]) -> Estimate:
     return Estimate(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
+def _images(accuracies: Sequence[dict[str, Any]]) -> str:
+    """The test-image counts behind some accuracies (``1000``, or ``500/1000`` when they differ)."""
+    return "/".join(str(n) for n in sorted({a["n"] for a in accuracies}, key=lambda n: (n is None, n or 0)))
+
+
 def _put(row: dict[str, Any], name: str, values: Sequence[float | None]) -> None:
     """``name`` (mean) and ``name_std`` (sample std; NaN for one seed) over the seeds; NaN unless every seed has
     the number."""
@@ -151,7 +156,7 @@ def seed_table(run_dirs: dict[str, Path], checkpoints: Sequence[str] = CHECKPOIN
         _put(row, "nrr", [nrr(a["natural"], a[key]) for a in seeds] if key else [])
         row.update({"robust_attack": ROBUST_NAMES.get(key, ""), "n_seeds": len(seeds),
                     "seeds": " ".join(str(seed_of(m.name)) for m in members[label]),
-                    "n_images": "/".join(str(n) for n in sorted({a["n"] for a in seeds}, key=str))})
+                    "n_images": _images(seeds)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -191,8 +196,7 @@ def overfitting_seed_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
                                          for b, e in zip(best, last)])
         row.update({"robust_attack": ROBUST_NAMES[key], "selected_on": "val", "n_seeds": len(members[label]),
                     "seeds": " ".join(str(seed_of(m.name)) for m in members[label]),
-                    "n_images": "/".join(str(n) for n in sorted({a["n"] for seeds in by_ckpt.values()
-                                                                 for a in seeds}, key=str))})
+                    "n_images": _images([a for seeds in by_ckpt.values() for a in seeds])})
         rows.append(row)
     return pd.DataFrame(rows)
 

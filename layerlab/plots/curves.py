@@ -22,15 +22,25 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
 def draw_curves(df: pd.DataFrame, ax, split: str, metric: str, colours: dict[str, Any], *,
                 with_val: bool = False) -> None:
     """One line per run of a tidy curves frame (``curves.csv``): ``split``/``metric`` against the epoch, each run
-    with its own colour and marker, and with ``with_val`` the validation curve of ``metric`` dashed beside it."""
+    with its own colour and marker, and with ``with_val`` the validation curve of ``metric`` dashed beside it.
+    Several rows of one run and epoch (its training seeds) are drawn as their mean with a +- std band."""
     for i, run in enumerate(colours):
-        line = df[(df["run"] == run) & (df["split"] == split) & (df["metric"] == metric)].sort_values("epoch")
-        ax.plot(line["epoch"], line["value"], color=colours[run], label=run, marker=MARKERS[i % len(MARKERS)],
+        line = _mean_line(df, run, split, metric)
+        ax.plot(line.index, line["mean"], color=colours[run], label=run, marker=MARKERS[i % len(MARKERS)],
                 markersize=4)
+        if (line["count"] > 1).any():
+            ax.fill_between(line.index, line["mean"] - line["std"], line["mean"] + line["std"], color=colours[run],
+                            alpha=0.18, linewidth=0)
         if with_val:
-            val = df[(df["run"] == run) & (df["split"] == "val") & (df["metric"] == metric)].sort_values("epoch")
-            ax.plot(val["epoch"], val["value"], color=colours[run], linestyle="--", linewidth=1)
+            val = _mean_line(df, run, "val", metric)
+            ax.plot(val.index, val["mean"], color=colours[run], linestyle="--", linewidth=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _mean_line(df: pd.DataFrame, run: str, split: str, metric: str) -> pd.DataFrame:
+    """Mean, sample std and count per epoch of one run's ``split``/``metric`` rows."""
+    rows = df[(df["run"] == run) & (df["split"] == split) & (df["metric"] == metric)]
+    return rows.groupby("epoch")["value"].agg(["mean", "std", "count"]).sort_index()
 
 
 def run_colours(df: pd.DataFrame) -> dict[str, Any]:
@@ -42,14 +52,19 @@ def run_colours(df: pd.DataFrame) -> dict[str, Any]:
 
 
 def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path: str | Path,
-                title: str | None = None) -> Path:
+                title: str | None = None, groups: dict[str, str] | None = None) -> Path:
     """Three panels (test robust, test natural, training accuracy) with one line per run; the test robust panel
-    also shows the validation robust accuracy (dashed) and marks each run's best epoch. The legend sits beside
-    the panels; ``title`` names the figure."""
+    also shows the validation robust accuracy (dashed) and marks each run's best epoch. ``groups`` (run -> group,
+    e.g. each training seed -> its run name) draws a group's runs as their mean with a +- std band (no best-epoch
+    mark: each seed has its own). The legend sits beside the panels; ``title`` names the figure."""
     df = pd.read_csv(curves_csv)
     if df.empty:
         raise ValueError(f"{curves_csv} has no rows")
     best = pd.read_csv(overfitting_csv) if overfitting_csv is not None else pd.DataFrame()
+    if groups:
+        sizes = pd.Series(groups).value_counts()
+        best = best[best["run"].map(lambda r: sizes.get(groups.get(r, r), 1) == 1)] if not best.empty else best
+        df = df.assign(run=df["run"].map(lambda r: groups.get(r, r)))
     colours = run_colours(df)
     fig, axes = new_figure(ncols=len(PANELS), width=4.5, height=3.6)
     for ax, (split, metric, label) in zip(axes[0], PANELS):

@@ -13,9 +13,9 @@ from matplotlib.ticker import MaxNLocator
 from layerlab.plots.style import new_figure, save
 
 
-def draw_lsc_landscape(part: pd.DataFrame, ax, title: str) -> None:
+def draw_lsc_landscape(part: pd.DataFrame, ax, title: str, legend: bool = True) -> None:
     """One checkpoint's rows of an ``lsc.csv``: a curve per LSC group, loss against mu, mean over directions
-    (band: min-max over directions)."""
+    (band: min-max over directions); ``legend``: with the groups' legend inside the axes."""
     groups = part.drop_duplicates("group").sort_values("group_lo")["group"].tolist()
     colours = dict(zip(groups, sns.color_palette("viridis", len(groups))))
     stats = part.groupby(["group", "mu"])["loss"].agg(["mean", "min", "max"]).reset_index()
@@ -25,6 +25,8 @@ def draw_lsc_landscape(part: pd.DataFrame, ax, title: str) -> None:
         ax.plot(line["mu"], line["mean"], color=colours[group], label=f"{group} (n={sizes[group]})")
         ax.fill_between(line["mu"], line["min"], line["max"], color=colours[group], alpha=0.15, linewidth=0)
     ax.set(xlabel="μ (filter-normalized direction)", ylabel="adversarial loss g_j(μ)", title=title)
+    if legend:
+        ax.legend(title="LSC group", fontsize="x-small", title_fontsize="small")
 
 
 def plot_lsc(csv_path: str | Path, path: str | Path, label: str | None = None) -> Path:
@@ -37,10 +39,11 @@ def plot_lsc(csv_path: str | Path, path: str | Path, label: str | None = None) -
     for ax, name in zip(axes[0], checkpoints):
         part = df[df["checkpoint"] == name]
         epoch = part["epoch"].iloc[0]
-        draw_lsc_landscape(part, ax, f"{name}" + (f" (epoch {int(epoch)})" if pd.notna(epoch) else ""))
+        draw_lsc_landscape(part, ax, f"{name}" + (f" (epoch {int(epoch)})" if pd.notna(epoch) else ""),
+                           legend=False)
     for ax in axes[0, 1:]:
         ax.set_ylabel("")
-    axes[0, -1].legend(title="LSC group (n at this checkpoint)", fontsize="x-small", title_fontsize="small",
+    axes[0, -1].legend(title="LSC group (n: rightmost panel)", fontsize="x-small", title_fontsize="small",
                        loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if label:
         fig.suptitle(f"{label}: adversarial loss landscape per LSC group", fontsize="medium")
