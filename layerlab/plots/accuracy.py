@@ -34,14 +34,16 @@ def bars(errors: np.ndarray) -> np.ndarray | None:
 
 
 def seeds_note(table: pd.DataFrame) -> str:
-    """``n=3 seeds, 1000 test images`` from a table's ``n_seeds`` and ``n_images`` columns (blank without them)."""
+    """``n=3 seeds, 1000 test images; error bars: ±1 std over seeds`` from a table's ``n_seeds`` and ``n_images``
+    columns (``no error bars`` when every row has one seed)."""
     parts = []
+    many = "n_seeds" in table and len(table) and int(table["n_seeds"].max()) > 1
     if "n_seeds" in table and len(table):
         lo, hi = int(table["n_seeds"].min()), int(table["n_seeds"].max())
         parts.append(f"n={lo if lo == hi else f'{lo}-{hi}'} seed{'s' if hi > 1 else ''}")
     if "n_images" in table and len(table):
         parts.append(f"{'/'.join(sorted({str(n) for n in table['n_images']}))} test images")
-    return ", ".join(parts)
+    return ", ".join(parts) + ("; error bars: ±1 std over seeds" if many else "; no error bars")
 
 
 def robust_name(table: pd.DataFrame) -> str:
@@ -78,7 +80,7 @@ def plot_freeze_study(table: pd.DataFrame, path: str | Path, checkpoint: str = "
     for ax, panel in zip(axes[0], panels):
         draw_freeze_panel(table[table["panel"] == panel], ax, panel)
     axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"Freeze study, {checkpoint} checkpoint ({seeds_note(table)}; bars: ±1 std over seeds)",
+    fig.suptitle(f"Freeze study, {checkpoint} checkpoint ({seeds_note(table)})",
                  fontsize="medium")
     return save(fig, path)
 
@@ -130,7 +132,7 @@ def plot_tradeoff(table: pd.DataFrame, path: str | Path, checkpoint: str = "last
     for ax, (col, label) in zip(axes[0], panels):
         draw_tradeoff(table, ax, col, label)
         ax.set_title(f"natural vs {label}", fontsize="medium")
-    fig.suptitle(f"Natural-robust trade-off, {checkpoint} checkpoint ({seeds_note(table)}; bars: ±1 std)",
+    fig.suptitle(f"Natural-robust trade-off, {checkpoint} checkpoint ({seeds_note(table)})",
                  fontsize="medium")
     return save(fig, path)
 
@@ -180,7 +182,7 @@ def plot_sweeps(table: pd.DataFrame, refs: pd.DataFrame, path: str | Path, check
             legend.setdefault(label, handle)
     fig.legend(list(legend.values()), list(legend), fontsize="small", loc="upper center",
                bbox_to_anchor=(0.5, 0.0), ncol=3)
-    fig.suptitle(f"RWP sweeps, {checkpoint} checkpoint ({seeds_note(table)}; bars and bands: ±1 std)",
+    fig.suptitle(f"RWP sweeps, {checkpoint} checkpoint ({seeds_note(table)})",
                  fontsize="medium")
     fig.tight_layout()
     return save(fig, path)
@@ -212,6 +214,6 @@ def plot_ablation(table: pd.DataFrame, path: str | Path, checkpoint: str = "last
     table = table[table["checkpoint"] == checkpoint] if "checkpoint" in table else table
     fig, axes = new_figure(width=6.5, height=3.8)
     draw_ablation(table, axes[0, 0])
-    axes[0, 0].set_title(f"CURE ablation (Table 7), {checkpoint} checkpoint\n{seeds_note(table)}; bars: ±1 std",
+    axes[0, 0].set_title(f"CURE ablation (Table 7), {checkpoint} checkpoint\n{seeds_note(table)}",
                          fontsize="medium")
     return save(fig, path)

@@ -44,11 +44,11 @@ def _mean_line(df: pd.DataFrame, run: str, split: str, metric: str) -> pd.DataFr
 
 
 def run_colours(df: pd.DataFrame) -> dict[str, Any]:
-    """A colour per run of a curves frame, in order of appearance: the colour-blind-safe palette while it has
-    enough colours, else evenly spaced hues (a palette cycled over more runs would repeat colours)."""
+    """A colour per run of a curves frame, in order of appearance: the first run (the reference: AT, SAT) black,
+    the others ten distinct hues (the markers of :func:`draw_curves` tell apart runs beyond ten)."""
     names = list(dict.fromkeys(df["run"]))
-    palette = sns.color_palette("colorblind" if len(names) <= 8 else "husl", len(names))
-    return dict(zip(names, palette))
+    palette = sns.color_palette("colorblind" if len(names) <= 7 else "tab10", max(1, len(names) - 1))
+    return {name: "black" if i == 0 else palette[(i - 1) % len(palette)] for i, name in enumerate(names)}
 
 
 def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path: str | Path,
@@ -82,5 +82,5 @@ def plot_curves(curves_csv: str | Path, overfitting_csv: str | Path | None, path
     axes[0, 2].set_title("training")
     axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
-        fig.suptitle(title, fontsize="medium")
+        fig.suptitle(title, fontsize="medium", y=1.03)
     return save(fig, path)

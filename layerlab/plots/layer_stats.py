@@ -68,6 +68,8 @@ def plot_updated_by_phase(stats, path: str | Path, label: str = "run", weights_o
     fig, axes = new_figure(nrows=len(views), width=max(6.0, 0.35 * layers + 2), height=3.6)
     for ax, view in zip(axes[:, 0], views):
         draw_updated_by_phase(stats, ax, view, weights_only, title=f"{label}: {UPDATED_VIEWS[view][1]}")
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")  # one x label, under the bottom panel
     if len(views) == 1:
         axes[0, 0].set_title(axes[0, 0].get_title() + "\n(the at-least-once view needs a run trained with it "
                              "recorded)", fontsize="small")
