@@ -11,12 +11,11 @@
   that keeps a fixed share of entries each step updates that share per step, but which entries it keeps shows
   here: the same ones every step, or eventually all of them).
 
-Both are *measured*, not inferred from the gradient: the callback copies
-  the trainable weights before :meth:`Method.train_step` starts and compares them with the weights
-  after it returns (after the optimizer step and every component's ``after_step``). So a mask that
-  restores entries after the step (CURE), a weight perturbation that is added and removed (AWP/RWP),
-  weight decay moving entries whose gradient is zero, and updates below float resolution are all
-  counted as they really happen.
+Both are *measured*, not inferred from the gradient: the callback copies the trainable weights before
+:meth:`Method.train_step` starts and compares them with the weights after it returns (after the optimizer step
+and every component's ``after_step``). So a mask that restores entries after the step (CURE), a weight
+perturbation that is added and removed (AWP/RWP), weight decay moving entries whose gradient is zero, and
+updates below float resolution are all counted as they really happen.
 
 Cost per step: one fused copy of the trainable weights, one fused in-place subtraction, two fused
 norm reductions (L1 of the gradients, L0 of the weight change) and one in-place OR of the changed entries
