@@ -81,7 +81,7 @@ def plot_freeze_study(table: pd.DataFrame, path: str | Path, checkpoint: str = "
         draw_freeze_panel(table[table["panel"] == panel], ax, panel)
     axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Freeze study, {checkpoint} checkpoint ({seeds_note(table)})",
-                 fontsize="medium")
+                 fontsize="medium", y=1.02)
     return save(fig, path)
 
 
@@ -133,7 +133,7 @@ def plot_tradeoff(table: pd.DataFrame, path: str | Path, checkpoint: str = "last
         draw_tradeoff(table, ax, col, label)
         ax.set_title(f"natural vs {label}", fontsize="medium")
     fig.suptitle(f"Natural-robust trade-off, {checkpoint} checkpoint ({seeds_note(table)})",
-                 fontsize="medium")
+                 fontsize="medium", y=1.02)
     return save(fig, path)
 
 
@@ -183,7 +183,7 @@ def plot_sweeps(table: pd.DataFrame, refs: pd.DataFrame, path: str | Path, check
     fig.legend(list(legend.values()), list(legend), fontsize="small", loc="upper center",
                bbox_to_anchor=(0.5, 0.0), ncol=3)
     fig.suptitle(f"RWP sweeps, {checkpoint} checkpoint ({seeds_note(table)})",
-                 fontsize="medium")
+                 fontsize="medium", y=1.02)
     fig.tight_layout()
     return save(fig, path)
 
