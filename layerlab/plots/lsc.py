@@ -46,7 +46,7 @@ def plot_lsc(csv_path: str | Path, path: str | Path, label: str | None = None) -
     axes[0, -1].legend(title="LSC group (n: rightmost panel)", fontsize="x-small", title_fontsize="small",
                        loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if label:
-        fig.suptitle(f"{label}: adversarial loss landscape per LSC group", fontsize="medium")
+        fig.suptitle(f"{label}: adversarial loss landscape per LSC group", fontsize="medium", y=1.03)
     return save(fig, path)
 
 
