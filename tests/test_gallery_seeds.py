@@ -232,3 +232,17 @@ def test_curves_of_several_seeds_are_a_mean_with_a_std_band(tmp_path, monkeypatc
     assert ys.max() - ys.min() == pytest.approx(32 + 2 - (12 - 2))  # std of (0, 2, 4) = 2
     stars = [line for line in ax.lines if line.get_marker() == "*"]
     assert len(stars) == 1 and list(stars[0].get_ydata()) == [40]  # CURE's best epoch only
+
+
+def test_best_minus_last_compares_the_same_test_images(tmp_path):
+    """The last checkpoint evaluated on 1000 images but the best one not: the delta uses the trainer's numbers
+    for both (one test split), not 1000 evaluated images against the summary's."""
+    run = fake_run(tmp_path, "AT", (40.0, 20.0), best=(38.0, 26.0),
+                   evals={"last": {"natural": 41.0, "pgd20": 19.0, "cw100": 18.0, "aa": 17.0, "worst": 16.5}})
+    row = overfitting_seed_table({"AT": run}).iloc[0]
+    assert (row["best_rob"], row["last_rob"], row["delta_rob"]) == (26.0, 20.0, -6.0)
+    assert row["n_images"] == "1000" and row["robust_attack"] == "PGD-20"
+    fake_run(tmp_path, "AT2", (0, 0), evals={c: {"natural": 40.0, "pgd20": p, "cw100": p - 1, "aa": p - 2,
+                                                   "worst": p - 3} for c, p in (("best", 30.0), ("last", 24.0))})
+    row = overfitting_seed_table({"AT2": tmp_path / "AT2"}).iloc[0]
+    assert (row["best_rob"], row["delta_rob"], row["robust_attack"]) == (27.0, -6.0, "worst case")

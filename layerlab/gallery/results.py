@@ -94,24 +94,35 @@ def seed_runs(run_dir: Path) -> list[Path]:
     return [run_dir] + sorted(siblings, key=lambda p: seed_of(p.name))
 
 
-def checkpoint_accuracies(run_dir: Path, checkpoint: str) -> dict[str, Any]:
-    """Natural, PGD-20, CW-inf, AutoAttack and worst-case accuracy of one checkpoint and how many test images:
-    from the checkpoint's evaluation file where it has one (``eval.json``, ``eval-last.json``), else the
-    trainer's natural and PGD-20 accuracy on its test split (``summary.json``); missing numbers are None."""
+def checkpoint_accuracies(run_dir: Path, checkpoint: str, evaluated: bool = True) -> dict[str, Any]:
+    """Natural, PGD-20, CW-inf, AutoAttack and worst-case accuracy of one checkpoint, how many test images and
+    where from (``source``): the checkpoint's evaluation file where it has one (``eval.json``, ``eval-last.json``)
+    and ``evaluated``, else the trainer's natural and PGD-20 accuracy on its test split (``summary.json``);
+    missing numbers are None."""
     path = Path(run_dir) / eval_file(checkpoint)
-    report = runs.read_json(path) if path.exists() else {}
+    report = runs.read_json(path) if evaluated and path.exists() else {}
     res = report.get("results", {})
     if "natural" in res:
         worst = report.get("worst_case", {}).get("linf")
         cw = next((res[a]["accuracy"] for a in sorted(res) if a.startswith("cw")), None)
         return {"natural": res["natural"]["accuracy"], "pgd20": res.get("pgd20", {}).get("accuracy"), "cw_inf": cw,
-                "aa": res.get("aa", {}).get("accuracy"), "n": report.get("n"),
+                "aa": res.get("aa", {}).get("accuracy"), "n": report.get("n"), "source": path.name,
                 # a worst case over one attack is that attack: only several make it the headline
                 "worst": worst["accuracy"] if worst and len(set(worst["attacks"]) - {"natural"}) > 1 else None}
     s = summary(run_dir)
     part = s if checkpoint == "last" else s.get("best", {})
     return {"natural": part.get("natural_acc"), "pgd20": part.get("robust_acc"), "cw_inf": None, "aa": None,
-            "worst": None, "n": part.get("n_test", s.get("n_test"))}
+            "worst": None, "n": part.get("n_test", s.get("n_test")), "source": "summary.json"}
+
+
+def paired_accuracies(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The best-on-validation and last checkpoint's accuracies (:func:`checkpoint_accuracies`) on the same test
+    images, so their difference is the checkpoints': both from evaluation files on as many images, else both from
+    the trainer's test split."""
+    found = {c: checkpoint_accuracies(run_dir, c) for c in CHECKPOINTS}
+    if len({a["n"] for a in found.values()}) > 1 or len({a["source"] == "summary.json" for a in found.values()}) > 1:
+        found = {c: checkpoint_accuracies(run_dir, c, evaluated=False) for c in CHECKPOINTS}
+    return found
 
 
 def _estimate(values: Sequence[float]) -> Estimate:
@@ -178,11 +189,11 @@ def shown_checkpoint(table: pd.DataFrame, column: str) -> str:
 
 def overfitting_seed_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
     """CURE Table 3 over seeds: best-on-validation and last natural and robust accuracy and last - best
-    (``delta_*``, per seed, then mean and std), one row per run; the robust measure is one for the whole table
-    (as in :func:`seed_table`, over both checkpoints)."""
+    (``delta_*``, per seed on the same test images (:func:`paired_accuracies`), then mean and std), one row per
+    run; the robust measure is one for the whole table (as in :func:`seed_table`, over both checkpoints)."""
     members = {label: seed_runs(run_dir) for label, run_dir in run_dirs.items()}
-    acc = {label: {c: [checkpoint_accuracies(m, c) for m in runs_] for c in CHECKPOINTS}
-           for label, runs_ in members.items()}
+    paired = {label: [paired_accuracies(m) for m in runs_] for label, runs_ in members.items()}
+    acc = {label: {c: [p[c] for p in pairs] for c in CHECKPOINTS} for label, pairs in paired.items()}
     key = next((k for k in ROBUST_ORDER if all(a[k] is not None for by_ckpt in acc.values()
                                                for seeds in by_ckpt.values() for a in seeds)), "pgd20")
     rows = []
