@@ -246,3 +246,13 @@ def test_best_minus_last_compares_the_same_test_images(tmp_path):
                                                    "worst": p - 3} for c, p in (("best", 30.0), ("last", 24.0))})
     row = overfitting_seed_table({"AT2": tmp_path / "AT2"}).iloc[0]
     assert (row["best_rob"], row["delta_rob"], row["robust_attack"]) == (27.0, -6.0, "worst case")
+
+
+def test_a_rows_seeds_are_measured_alike(tmp_path):
+    """Seed 0 evaluated on 500 images, seeds 1 and 2 not: the row averages the trainer's numbers of all three,
+    never 500 evaluated images with two test splits."""
+    three_seeds(tmp_path, "AT", [40.0, 41.0, 42.0], [20.0, 21.0, 22.0])
+    (tmp_path / "AT" / "eval-last.json").write_text(json.dumps({
+        "n": 500, "results": {"natural": {"accuracy": 99.0}, "pgd20": {"accuracy": 99.0}}}))
+    last = seed_table({"AT": tmp_path / "AT"}, checkpoints=("last",)).iloc[0]
+    assert (last["natural"], last["pgd20"], last["n_images"]) == (41.0, 21.0, "1000")

@@ -115,6 +115,15 @@ def checkpoint_accuracies(run_dir: Path, checkpoint: str, evaluated: bool = True
             "worst": None, "n": part.get("n_test", s.get("n_test")), "source": "summary.json"}
 
 
+def alike_accuracies(seeds: Sequence[Path], checkpoint: str) -> list[dict[str, Any]]:
+    """One checkpoint's accuracies (:func:`checkpoint_accuracies`) of several seeds of a run, measured alike: from
+    their evaluation files if every seed has one on as many images, else all from the trainer's test split."""
+    found = [checkpoint_accuracies(m, checkpoint) for m in seeds]
+    if len({(a["source"], a["n"]) for a in found}) > 1:
+        found = [checkpoint_accuracies(m, checkpoint, evaluated=False) for m in seeds]
+    return found
+
+
 def paired_accuracies(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The best-on-validation and last checkpoint's accuracies (:func:`checkpoint_accuracies`) on the same test
     images, so their difference is the checkpoints': both from evaluation files on as many images, else both from
@@ -150,11 +159,11 @@ def seed_table(run_dirs: dict[str, Path], checkpoints: Sequence[str] = CHECKPOIN
     (:func:`seed_runs`) of natural, PGD-20, CW-inf and AutoAttack accuracy (NaN unless every seed has it), of the
     headline robust accuracy ``robust`` and of NRR on it; with the seeds and the test images per seed.
 
-    ``robust`` is one measure for the whole table at a checkpoint, so its rows compare: the worst case over the
-    evaluated attacks if every seed of every label has it, else AutoAttack, else PGD-20 (``robust_attack``)."""
+    A row's seeds are measured alike (:func:`alike_accuracies`); ``robust`` is one measure for the whole table at a
+    checkpoint, so its rows compare: the worst case over the evaluated attacks if every seed of every label has it,
+    else AutoAttack, else PGD-20 (``robust_attack``)."""
     members = {label: seed_runs(run_dir) for label, run_dir in run_dirs.items()}
-    acc = {(label, c): [checkpoint_accuracies(m, c) for m in runs_] for label, runs_ in members.items()
-           for c in checkpoints}
+    acc = {(label, c): alike_accuracies(runs_, c) for label, runs_ in members.items() for c in checkpoints}
     keys = {c: next((k for k in ROBUST_ORDER if all(a[k] is not None for label in members for a in acc[label, c])),
                     None) for c in checkpoints}
     rows = []
