@@ -112,22 +112,3 @@ def test_train_seconds_counts_a_stalled_epoch_at_the_run_median(tmp_path):
     cost = gallery_wall_time([{"runs": [{"dir": str(tmp_path), **row}]}])
     assert cost["training_seconds"] == row["train_seconds"]
     assert cost["stalled_epochs"] == [{"run": tmp_path.name, **row["stalled_epochs"][0]}]
-
-
-def test_the_tradeoff_table_sets_sum_beside_nrr_on_the_same_robust_number(tmp_path, monkeypatch) -> None:
-    """CURE Table 8: SUM (natural + robust) beside NRR, both on AutoAttack when it ran, else PGD-20."""
-    from types import SimpleNamespace
-
-    from layerlab.gallery import results
-
-    reports = {"A": {"natural": 80.0, "pgd20": 50.0, "aa": 40.0}, "B": {"natural": 70.0, "pgd20": 30.0}}
-
-    def evaluated(ctx, run, attacks):
-        res = {a: {"accuracy": v} for a, v in reports[run.name].items()}
-        return {"results": res, "worst_case": {"linf": {"accuracy": min(res[a]["accuracy"] for a in res)}}, "n": 10}
-
-    monkeypatch.setattr(results, "evaluated", evaluated)
-    ctx = SimpleNamespace(s=SimpleNamespace(attacks=("natural", "pgd20", "aa")))
-    table = results.tradeoff_table(ctx, {k: tmp_path / k for k in reports}).set_index("method")
-    assert table.loc["A", "sum"] == 120.0 and table.loc["A", "nrr"] == pytest.approx(2 * 80 * 40 / 120)
-    assert table.loc["B", "sum"] == 100.0 and table.loc["B", "robust_attack"] == "PGD-20"
