@@ -42,6 +42,8 @@ class TrainConfig:
     val_size: int = _f(1000, "validation examples held out of training, used to pick 'best'")
     test_size: int | None = _f(None, "class-balanced test subset size (seeded)")
     eval_size: int | None = _f(1000, "test images of the per-epoch robust accuracy")
+    eval_every: int = _f(1, "per-epoch evaluation every N epochs, plus the last epoch and the first epoch at each "
+                            "decayed step learning rate; 'best' is chosen among the evaluated epochs")
     epochs: int = _f(200, "training epochs")
     batch_size: int = _f(128, "batch size")
     eval_batch_size: int = _f(256, "evaluation batch size")
@@ -88,7 +90,10 @@ class TrainConfig:
             field_ = next(f for f in dataclasses.fields(self) if f.name == name)
             return "--" + field_.metadata.get("flag", name.replace("_", "-"))
 
-        positive = ("epochs", "batch_size", "eval_batch_size", "train_size", "test_size", "eval_size", "width")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int):
+            raise ValueError(f"--eval-every must be a whole number of epochs (got {self.eval_every!r}); give 1 or more")
+        positive = ("epochs", "batch_size", "eval_batch_size", "train_size", "test_size", "eval_size", "eval_every",
+                    "width")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:

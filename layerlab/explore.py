@@ -384,6 +384,9 @@ def _progress_callback(bar: widgets.IntProgress, label: widgets.HTML):
 
         def on_epoch_end(self, epoch, model, run_dir) -> None:
             row = runs.read_jsonl(Path(run_dir) / "metrics.jsonl")[-1]
+            if "natural_acc" not in row:  # an epoch without the per-epoch evaluation (TrainConfig.eval_every)
+                label.value = f"epoch {epoch}: training accuracy {row['train_acc']:.1f}% (not evaluated)"
+                return
             label.value = (f"epoch {epoch}: natural {row['natural_acc']:.1f}%, "
                            f"adversarial {row.get('robust_acc') or 0:.1f}%")
 

@@ -72,6 +72,15 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
+def evaluated_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` ends with the per-epoch evaluation: every ``eval_every``-th epoch, the last
+    epoch, and the first epoch at each decayed learning rate of a ``step``/``multistep`` schedule (where the
+    best robust accuracy of robust overfitting usually lies)."""
+    stepped = cfg.schedule.partition(":")[0] in ("step", "multistep")
+    decayed = stepped and epoch > 0 and lr_at(cfg, epoch) < lr_at(cfg, epoch - 1)
+    return (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1 or decayed
+
+
 def evaluate(model: nn.Module, data: ImageSet, *, eps: float, alpha: float, steps: int, norm: str = "linf",
              batch_size: int = 256, seed: int = 0, limit: int | None = None) -> dict[str, float]:
     """Natural and PGD accuracy (percent) on the first ``limit`` examples of ``data``; steps=0 skips PGD."""
@@ -110,6 +119,9 @@ class Setup:
     # None (= model). ``model`` stays the plain module, so checkpoints, evaluation and callbacks see unprefixed
     # parameter names.
     step_model: nn.Module | None = None
+    # What the per-epoch evaluation calls: torch.compile(model) when cfg.compile (the step model itself on one
+    # process), else None (= model). The final evaluation stays eager (fp32).
+    eval_model: nn.Module | None = None
 
 
 def build_run_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
@@ -147,12 +159,14 @@ def setup(cfg: TrainConfig, splits: Splits | None = None) -> Setup:
         raise ValueError("no trainable parameters: the update spec freezes the whole model")
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step_model = distributed.wrap(model, device) if distributed.active() else None  # DDP averages gradients
+    eval_model = None
     if cfg.compile:
         # CURE's RGP mask backpropagates twice through one graph (retain_graph=True), which compiled backward
         # graphs refuse when they donate their saved buffers.
         torch._functorch.config.donated_buffer = False
-        step_model = torch.compile(model if step_model is None else step_model)  # shares parameters and buffers
-    return Setup(cfg, splits, model, method, optimizer, device, step_model)
+        eval_model = torch.compile(model)  # shares parameters and buffers
+        step_model = eval_model if step_model is None else torch.compile(step_model)
+    return Setup(cfg, splits, model, method, optimizer, device, step_model, eval_model)
 
 
 def _meta(cfg: TrainConfig, s: Setup, epoch: int) -> dict[str, Any]:
@@ -228,14 +242,15 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
     return {"train_loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen)}
 
 
-def _eval_epoch(s: Setup, epoch: int) -> dict[str, float]:
+def evaluate_epoch(s: Setup, epoch: int) -> dict[str, float]:
     """Per-epoch natural/PGD accuracy on a test subset and on the validation split."""
     cfg = s.cfg
+    model = s.model if s.eval_model is None else s.eval_model
     kw = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.epoch_eval_steps, norm=cfg.norm,
               batch_size=cfg.eval_batch_size, seed=cfg.seed)
     with _autocast(cfg, s.device):  # as the model trains (bf16 under --amp); the final evaluation is fp32
-        test = evaluate(s.model, s.splits.test, limit=cfg.eval_size, **kw)
-        val = evaluate(s.model, s.splits.val, **kw) if s.splits.val is not None and len(s.splits.val) else None
+        test = evaluate(model, s.splits.test, limit=cfg.eval_size, **kw)
+        val = evaluate(model, s.splits.val, **kw) if s.splits.val is not None and len(s.splits.val) else None
     row = {"natural_acc": test["natural_acc"], "robust_acc": test.get("robust_acc")}
     if val is not None:
         row.update(val_natural_acc=val["natural_acc"], val_robust_acc=val.get("robust_acc"))
@@ -308,6 +323,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
         if not any(isinstance(cb, GradStats) for cb in callbacks):
             callbacks.append(GradStats())
     start_epoch, best_score, best_epoch = 0, float("-inf"), 0
+    write_seconds = 0.0  # this process's checkpoint and callback writes at the ends of its epochs
     if resume:
         runs.load_weights(s.model, last, source=str(run_dir / "checkpoints" / "last.pt"))
         s.optimizer.load_state_dict(last["optimizer"])
@@ -333,12 +349,14 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
                                    f"lower --lr or check the data and method settings") from None
         seconds = time.time() - t0
         # Rank 0 evaluates and writes while the other ranks wait for its result (or its error).
-        row, best_score, best_epoch = distributed.on_main(functools.partial(
+        row, best_score, best_epoch, written = distributed.on_main(functools.partial(
             _end_epoch, s, run_dir, epoch, lr, stats, t0, seconds, best_score, best_epoch, callbacks))
-        epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
+        write_seconds += written
+        if "natural_acc" in row:
+            epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
     if end_epoch < cfg.epochs:
         return {"stopped_after": end_epoch, "run_dir": str(run_dir)}
-    return distributed.on_main(lambda: write_summary(s, run_dir, best_epoch, time.time() - t_run))
+    return distributed.on_main(lambda: write_summary(s, run_dir, best_epoch, time.time() - t_run, write_seconds))
 
 
 def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callbacks: list[Callback]) -> None:
@@ -356,16 +374,20 @@ def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callba
 
 def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, float], t0: float, seconds: float,
                best_score: float, best_epoch: int,
-               callbacks: list[Callback]) -> tuple[dict[str, Any], float, int]:
-    """Evaluate, append the metrics row, save best/last checkpoints, run the callbacks; returns
-    (row, best score, best epoch)."""
+               callbacks: list[Callback]) -> tuple[dict[str, Any], float, int, float]:
+    """Evaluate (on the epochs :func:`evaluated_epoch` names), append the metrics row, save best/last
+    checkpoints, run the callbacks; returns (row, best score, best epoch, seconds spent writing checkpoints and
+    running the callbacks). The row of an epoch without evaluation has no accuracy and no ``eval_seconds``, and
+    "best" is chosen among the evaluated epochs."""
     cfg = s.cfg
-    row = {"epoch": epoch + 1, "lr": lr, **stats, **s.method.epoch_stats(), **_eval_epoch(s, epoch),
-           "seconds": seconds, "eval_seconds": time.time() - t0 - seconds}
-    score = _selection_score(cfg, row)
+    row = {"epoch": epoch + 1, "lr": lr, **stats, **s.method.epoch_stats(), "seconds": seconds}
+    if evaluated_epoch(cfg, epoch):
+        row.update(evaluate_epoch(s, epoch), eval_seconds=time.time() - t0 - seconds)
+    t_write = time.perf_counter()
     meta = _meta(cfg, s, epoch + 1)
     # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.
     runs.append_jsonl(run_dir / "metrics.jsonl", row)
+    score = _selection_score(cfg, row) if "natural_acc" in row else float("-inf")
     if score > best_score:
         best_score, best_epoch = score, epoch + 1
         runs.save_checkpoint(run_dir / "checkpoints" / "best.pt", s.model, meta)
@@ -376,11 +398,13 @@ def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, 
         runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1}.pt", s.model, meta)
     for cb in callbacks:
         cb.on_epoch_end(epoch + 1, s.model, run_dir)
-    return row, best_score, best_epoch
+    return row, best_score, best_epoch, time.perf_counter() - t_write
 
 
-def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> dict[str, Any]:
-    """Evaluate the final (and best) model on the test split and write ``summary.json``."""
+def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float,
+                  write_seconds: float = 0.0) -> dict[str, Any]:
+    """Evaluate the final (and best) model on the test split and write ``summary.json`` (``write_seconds``: what
+    this process spent writing checkpoints and running the callbacks at the ends of its epochs)."""
     cfg = s.cfg
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
     t_final = time.time()
@@ -404,6 +428,7 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float) -> d
     # too): each epoch with its evaluation, plus these final evaluations; "process_seconds": this process's epochs
     summary["final_eval_seconds"] = time.time() - t_final
     summary["process_seconds"] = seconds
+    summary["process_write_seconds"] = write_seconds
     summary["seconds"] = epoch_seconds(metrics) + summary["final_eval_seconds"]
     runs.write_json(run_dir / "summary.json", summary)
     return summary

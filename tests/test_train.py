@@ -18,9 +18,11 @@ from layerlab.evaluation import model_from_checkpoint
 from layerlab.methods.base import Method, Objective, Outputs
 from layerlab.runs import CheckpointError, RunDirExistsError
 from layerlab.callbacks import Callback
-from layerlab.train import TrainingDiverged, epoch_seconds, evaluate, lr_at, nrr, train
+from layerlab.train import TrainingDiverged, epoch_seconds, evaluate, evaluated_epoch, lr_at, nrr, train
 
-TIMING = ("seconds", "eval_seconds", "train_seconds_per_epoch", "final_eval_seconds", "process_seconds")
+TIMING = ("seconds", "eval_seconds", "train_seconds_per_epoch", "final_eval_seconds", "process_seconds",
+          "process_write_seconds")
+EVAL_KEYS = ("natural_acc", "robust_acc", "val_natural_acc", "val_robust_acc", "eval_seconds")
 
 
 def _without_timing(obj):
@@ -75,6 +77,60 @@ def test_nrr_is_the_harmonic_mean():
     assert nrr(80, 40) == nrr(40, 80)
     assert 40 < nrr(80, 40) < 60  # between min and arithmetic mean
     assert nrr(90, 0) == 0.0
+
+
+# ------------------------------------------------------------------------------- evaluation cadence
+
+
+def test_evaluated_epochs_follow_eval_every_the_last_epoch_and_the_lr_decays():
+    def evaluated(**kw):
+        cfg = make_config("smoke", epochs=10, **kw)
+        return [e + 1 for e in range(cfg.epochs) if evaluated_epoch(cfg, e)]
+
+    assert evaluated() == list(range(1, 11))  # the default evaluates every epoch
+    # every 4th (4, 8), the last (10), the first epochs at lr/10 (6) and lr/100 (9: step decays at 50 % and 75 %)
+    assert evaluated(eval_every=4) == [4, 6, 8, 9, 10]
+    assert evaluated(eval_every=4, schedule="multistep:2,5") == [3, 4, 6, 8, 10]  # lr drops after epochs 2, 5
+    assert evaluated(eval_every=4, schedule="cosine") == [4, 8, 10]  # a smooth decay has no decay epochs
+    assert evaluated(eval_every=20) == [6, 9, 10]
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_eval_every_must_be_a_positive_whole_number(value):
+    with pytest.raises(ValueError, match="--eval-every"):
+        make_config("smoke", eval_every=value).validate()
+
+
+def test_eval_every_skips_evaluations_without_changing_training_or_the_evaluated_rows(tiny_cfg, digits_splits,
+                                                                                     tmp_path):
+    cfg = tiny_cfg(method="at", epochs=3, schedule="constant", keep_every=1)
+    every = train(cfg, tmp_path / "every", progress=False, splits=digits_splits)
+    sparse = train(cfg.replace(eval_every=2), tmp_path / "sparse", progress=False, splits=digits_splits)
+    rows = {name: runs.read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("every", "sparse")}
+    # eval_every=1 (the default) evaluates every epoch: each row holds the per-epoch evaluation of that epoch's
+    # weights, as an independent evaluation of its checkpoint gives it
+    for row in rows["every"]:
+        assert all(k in row for k in EVAL_KEYS)
+        model = model_from_checkpoint(torch.load(tmp_path / "every" / "checkpoints" / f"epoch-{row['epoch']}.pt",
+                                                 weights_only=True))
+        kw = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.epoch_eval_steps, batch_size=cfg.eval_batch_size,
+                  seed=cfg.seed)
+        test = evaluate(model, digits_splits.test, limit=cfg.eval_size, **kw)
+        val = evaluate(model, digits_splits.val, **kw)
+        assert (row["natural_acc"], row["robust_acc"]) == (test["natural_acc"], test["robust_acc"])
+        assert (row["val_natural_acc"], row["val_robust_acc"]) == (val["natural_acc"], val["robust_acc"])
+    # eval_every=2: epochs 2 and 3 (the last) are evaluated, epoch 1 is not; training is the same bit for bit
+    assert [all(k in r for k in EVAL_KEYS) for r in rows["sparse"]] == [False, True, True]
+    assert not any(k in rows["sparse"][0] for k in EVAL_KEYS)
+    assert _without_timing(rows["sparse"][1:]) == _without_timing(rows["every"][1:])
+    assert _without_timing(rows["sparse"][0]) == {k: v for k, v in _without_timing(rows["every"][0]).items()
+                                                  if k not in EVAL_KEYS}
+    last = {name: torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+            for name in rows}
+    assert _states_equal(last["sparse"], last["every"])
+    assert sparse["best_epoch"] in (2, 3)  # chosen among the evaluated epochs
+    assert sparse["process_write_seconds"] > 0 and every["process_write_seconds"] > 0
+    assert runs.read_json(tmp_path / "sparse" / "config.json")["config"]["eval_every"] == 2
 
 
 # ------------------------------------------------------------------------------- resume

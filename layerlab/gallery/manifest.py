@@ -59,8 +59,8 @@ MANIFEST = "manifest.json"
 MAX_TABLE_ROWS = 40  # longer CSV tables are linked, not shown
 STALL_FACTOR = 3.0  # an epoch this many times its run's median epoch stalled (see stalled_epochs)
 # Figure settings that differ between the profiles and are worth naming next to a figure.
-COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "epochs",
-                   "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed", "amp")
+COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_size", "eval_size", "eval_every",
+                   "epochs", "batch_size", "lr", "weight_decay", "attack_steps", "eval_steps", "seed", "amp")
 
 
 def make(key: str, profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
