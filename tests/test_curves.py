@@ -102,3 +102,16 @@ def test_cli_writes_csvs_and_figure(run_a, run_b, tmp_path):
 
     png = plot_curves(out / "curves.csv", out / "overfitting.csv", tmp_path / "again.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_epochs_without_evaluation_carry_only_the_training_curves(tmp_path):
+    """A run trained with ``eval_every`` > 1: rows of unevaluated epochs have no accuracy keys."""
+    evaluated = {2: (55, 30, 54, 28), 4: (65, 25, 63, 24)}
+    rows = [{"epoch": e, **(dict(zip(("natural_acc", "robust_acc", "val_natural_acc", "val_robust_acc"),
+                                     evaluated[e])) if e in evaluated else {})} for e in (1, 2, 3, 4)]
+    run = write_run(tmp_path / "C", rows)
+    curves = load_curves([run])
+    assert sorted(curves[curves["split"] == "train"]["epoch"].unique()) == [1, 2, 3, 4]
+    assert sorted(curves[curves["split"] != "train"]["epoch"].unique()) == [2, 4]
+    row = overfitting_table([run]).iloc[0]
+    assert (row["best_epoch"], row["best_rob"], row["last_rob"]) == (2, 30, 25)
