@@ -60,6 +60,9 @@ class Settings:
     mem_width: float
     mem_batch: int
     mem_pgd_steps: int
+    # 7. gallery cost: the gallery profile whose epoch is timed, its data sizes times this scale
+    gallery_profile: str
+    gallery_scale: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,17 +74,20 @@ PROFILES: dict[str, Settings] = {
     "full": Settings("full", rounds=5, warmup=1, cost_width=1.0, cost_batch=128, width=0.25, batch=128, pgd_steps=10, overhead_batches=4,
                      data_batches=100, data_batch=128, hw_width=1.0, hw_batch=128, hw_pgd_steps=10, hw_rounds=3,
                      mm_sizes=(1024, 2048, 3072), peak_conv=(512, 32, 4), cka_n=(1000, 10000), cka_width=0.25,
-                     cka_batch=100, lsc_n=512, lsc_mus=4, mem_width=0.25, mem_batch=128, mem_pgd_steps=2),
+                     cka_batch=100, lsc_n=512, lsc_mus=4, mem_width=0.25, mem_batch=128, mem_pgd_steps=2,
+                     gallery_profile="cpu", gallery_scale=1.0),
     # Same comparisons, smaller: under 2 minutes on 2 idle cores.
     "quick": Settings("quick", rounds=3, warmup=1, cost_width=0.25, cost_batch=32, width=0.125, batch=32, pgd_steps=3, overhead_batches=3,
                       data_batches=20, data_batch=128, hw_width=1.0, hw_batch=16, hw_pgd_steps=2, hw_rounds=3,
                       mm_sizes=(1024, 2048), peak_conv=(256, 32, 4), cka_n=(200, 2000), cka_width=0.125,
-                      cka_batch=100, lsc_n=128, lsc_mus=3, mem_width=0.125, mem_batch=64, mem_pgd_steps=1),
+                      cka_batch=100, lsc_n=128, lsc_mus=3, mem_width=0.125, mem_batch=64, mem_pgd_steps=1,
+                      gallery_profile="cpu", gallery_scale=0.125),
     # For the test-suite: checks that the code runs and reports, in seconds; its figures mean nothing.
     "tiny": Settings("tiny", rounds=1, warmup=0, cost_width=0.0625, cost_batch=8, width=0.0625, batch=8, pgd_steps=1, overhead_batches=2,
                      data_batches=2, data_batch=16, hw_width=0.0625, hw_batch=4, hw_pgd_steps=1, hw_rounds=1,
                      mm_sizes=(64, 128), peak_conv=(16, 8, 2), cka_n=(16, 80), cka_width=0.0625, cka_batch=8,
-                     lsc_n=16, lsc_mus=2, mem_width=0.0625, mem_batch=8, mem_pgd_steps=1),
+                     lsc_n=16, lsc_mus=2, mem_width=0.0625, mem_batch=8, mem_pgd_steps=1,
+                     gallery_profile="tiny", gallery_scale=0.1),
 }
 
 

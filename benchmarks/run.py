@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, str] = {
     "hardware": "benchmarks.hardware",
     "instruments": "benchmarks.instruments",
     "memory": "benchmarks.memory",
+    "gallery_cost": "benchmarks.gallery_cost",
+    "compiled": "benchmarks.compiled",
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -72,7 +72,7 @@ class TrainConfig:
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     amp: bool = _f(False, "bf16 autocast for the training steps and the per-epoch evaluation (the final evaluation "
                           "stays fp32)")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile (inductor) the training steps and the per-epoch evaluation")
     channels_last: bool = _f(False, "channels_last memory format")
     keep_every: int = _f(0, "also keep checkpoints/epoch-E.pt every N epochs (LSC over training; 0 = best/last only)")
 

@@ -169,3 +169,47 @@ def test_data_path_tiny_on_cifar():
     rows = {r["candidate"]: r for r in result.table}
     assert rows["layerlab"]["images"] == rows["torchvision"]["images"] == 2 * 16
     assert result.figures["train_images"] == 50000
+
+
+def test_gallery_cost_times_every_phase_of_one_epoch_per_method():
+    import torch
+
+    from benchmarks import gallery_cost
+    from benchmarks.common import PROFILES, Context
+
+    result = gallery_cost.run(Context(PROFILES["tiny"], torch.device("cpu"), 1), log=lambda m: None)
+    assert result.status == "ok", result.error
+    assert [r["method"] for r in result.table] == list(gallery_cost.METHODS)
+    for row in result.table:
+        assert all(row[p] > 0 for p in gallery_cost.PHASES[:-1])
+        assert sum(row[p] for p in gallery_cost.PHASES) == pytest.approx(row["total_s"])
+        assert sum(row[f"{p[:-2]}_share"] for p in gallery_cost.PHASES) == pytest.approx(1.0)
+    assert result.figures["sizes"]["train_size"] == 60  # the tiny profile's 600 digits x 0.1
+
+
+def test_gallery_cost_sums_the_recorded_runs(tmp_path):
+    from benchmarks.gallery_cost import recorded
+    from layerlab import runs
+
+    records, manifests = tmp_path / "records", tmp_path / "figures"
+    for name, method, final in (("AT", "at", 5.0), ("U-23", "at", None), ("OTHER", "at", 1.0)):
+        d = records / name
+        runs.write_json(d / "summary.json", {"method": method, **({"final_eval_seconds": final} if final else {})})
+        for epoch, (train_s, eval_s) in enumerate(((10.0, 1.0), (20.0, None), (12.0, 2.0)), 1):
+            runs.append_jsonl(d / "metrics.jsonl", {"epoch": epoch, "seconds": train_s, **(
+                {"natural_acc": 1.0, "eval_seconds": eval_s} if eval_s else {})})
+        runs.append_jsonl(d / "costs.jsonl", {"what": "cka", "seconds": 3.0})
+    (records / "analysis").mkdir()
+    runs.append_jsonl(records / "analysis" / "costs.jsonl", {"what": "minpert", "seconds": 7.0})
+    runs.write_json(manifests / "01_a" / "manifest.json", {"runs": [{"run": "AT"}, {"run": "U-23"}]})
+    rec = recorded(records, manifests)  # OTHER is no gallery run: left out
+    assert rec["runs"] == 2 and rec["final_eval_untimed"] == ["U-23"]
+    hours = {r["phase"]: r["hours"] * 3600 for r in rec["phases"]}
+    assert hours == pytest.approx({"training steps": 84.0, "per-epoch evaluation": 6.0, "final evaluation": 5.0,
+                                   "analysis cka": 6.0, "analysis minpert": 7.0})
+    assert sum(r["share"] for r in rec["phases"]) == pytest.approx(1.0)
+    (at,) = rec["methods"]
+    assert at["run"] == "AT" and at["train_s_per_epoch"] == pytest.approx(14.0)
+    assert at["epoch_eval_s_per_epoch"] == pytest.approx(1.5)  # over the 2 evaluated epochs
+    assert {r["analysis"]: (r["runs"], r["per_run_s"], r["shared_s"]) for r in rec["analyses"]} == {
+        "cka": (2, 3.0, None), "minpert": (0, None, 7.0)}
