@@ -1,7 +1,7 @@
 """Run the performance benchmarks of issue 6 and check their targets.
 
     python -m benchmarks.run                   # full run (~15 min on 2 idle cores)
-    python -m benchmarks.run --quick           # smaller sizes, under 2 minutes
+    python -m benchmarks.run --quick           # smaller sizes, under 2 minutes (gallery_cost, compiled: longer)
     python -m benchmarks.run --only method_cost --only memory --device auto --threads 2
 
 Prints each benchmark's absolute numbers, its side-by-side ratios and its targets, each target with
