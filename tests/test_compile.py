@@ -4,7 +4,6 @@ eager path does, within floating-point tolerance."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from layerlab.train import evaluate_epoch, setup, train_epoch
 
