@@ -3,9 +3,17 @@ eager path does, within floating-point tolerance."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from layerlab.train import evaluate_epoch, setup, train_epoch
+
+
+# Inductor compiles a few dozen C++ kernels: over 10 minutes on a cold cache, too long for every CI run while the
+# compiled path is not a default (benchmarks/README.md: it is slower on CPU). Run with LAYERLAB_TEST_COMPILE=1.
+pytestmark = pytest.mark.skipif(not os.environ.get("LAYERLAB_TEST_COMPILE"),
+                                reason="compiles C++ kernels for minutes: set LAYERLAB_TEST_COMPILE=1")
 
 
 def _two_steps(cfg, splits) -> tuple[dict, dict, dict, dict]:
