@@ -110,12 +110,15 @@ TABLES: dict[str, PaperTable] = {
 
 def comparison_rows(key: str, group_dir: Path) -> list[dict[str, Any]]:
     """One row per paper method: the paper's value and ours for every compared column (ours blank when
-    the group has no such run)."""
+    the group has no such run, or its table was written in an older layout than the comparison reads)."""
     table = TABLES.get(key)
     path = Path(group_dir) / table.ours_file if table else None
     if table is None or not path.exists():
         return []
-    ours = table.ours(pd.read_csv(path))
+    try:
+        ours = table.ours(pd.read_csv(path))
+    except KeyError:  # a group drawn before its table gained the compared columns: re-make it to compare
+        ours = {}
     rows = []
     for method, paper in table.rows.items():
         row: dict[str, Any] = {"method": method}
