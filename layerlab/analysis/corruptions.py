@@ -35,6 +35,7 @@ from layerlab.attacks import eval_mode
 from layerlab.data import to_float
 from layerlab.evaluation import load_run
 from layerlab.plots.robustness import plot_corruptions
+from layerlab.progress import bar as progress_bar
 
 Array = np.ndarray
 CorruptionFn = Callable[[Array, int, np.random.Generator], Array]
@@ -443,19 +444,20 @@ def accuracy_on(model: nn.Module, images: Tensor, labels: Tensor, batch_size: in
 
 def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *, types: Sequence[str] = CORRUPTIONS,
                          severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 256,
-                         progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Rows (type, group, severity, accuracy, n): clean accuracy first (severity 0), then each corruption."""
+                         progress: bool = False) -> list[dict[str, Any]]:
+    """Rows (type, group, severity, accuracy, n): clean accuracy first (severity 0), then each corruption
+    (``progress``: a bar over the corruption-severity pairs)."""
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     rows = [{"type": "clean", "group": "clean", "severity": 0, "accuracy": accuracy_on(model, images, labels,
                                                                                         batch_size), "n": len(labels)}]
-    for name in check_names(types):
-        for severity in severities:
-            if progress:
-                progress(f"{name} {severity}")
-            corrupted = corrupt(images, name, int(severity), seed)
-            rows.append({"type": name, "group": GROUP_OF[name], "severity": int(severity),
-                         "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels)})
+    pairs = progress_bar([(name, severity) for name in check_names(types) for severity in severities],
+                         desc="corruptions", progress=progress, unit="set")
+    for name, severity in pairs:
+        pairs.set_postfix_str(f"{name} {severity}")
+        corrupted = corrupt(images, name, int(severity), seed)
+        rows.append({"type": name, "group": GROUP_OF[name], "severity": int(severity),
+                     "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels)})
     return rows
 
 
@@ -470,7 +472,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, checkpoint: str = "best",
                         batch_size: int = 256, device: str = "auto", data_dir: str | None = None,
-                        progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+                        progress: bool = False) -> tuple[Path, Path]:
     """Corruption accuracies of a run's model on its first ``n`` test images: RUN/corruptions.{csv,png}."""
     bad = [s for s in severities if s not in SEVERITIES]
     if bad:

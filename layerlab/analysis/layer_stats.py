@@ -139,6 +139,19 @@ class GradStats(Callback):
             fh.write("".join(runs.dumps_line(r) for r in self.epoch_rows))
 
 
+def block_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per model part (``stem``, ``blockK``, ``head``), in model order, the ``grad_mean_abs`` and
+    ``updated_fraction`` of one epoch's :meth:`GradStats.epoch_stats` rows, each tensor weighted by its number of
+    entries (so a block's value is the mean over all its entries, as for a single tensor)."""
+    sums: dict[str, list[float]] = {}
+    for r in rows:
+        acc = sums.setdefault(r["block"], [0.0, 0.0, 0])
+        acc[0] += r["grad_mean_abs"] * r["numel"]
+        acc[1] += r["updated_fraction"] * r["numel"]
+        acc[2] += r["numel"]
+    return {block: {"grad_mean_abs": g / n, "updated_fraction": u / n} for block, (g, u, n) in sums.items()}
+
+
 def read_layer_stats(path: str | Path) -> Any:
     """``layer_stats.jsonl`` (a run directory or the file) as a pandas DataFrame."""
     path = Path(path)
