@@ -111,9 +111,9 @@ def train(
                                          "the --config file's, else at)"),
     preset: Optional[str] = typer.Option(None, help="a named hyper-parameter preset (`layerlab presets`)"),
     arg: list[str] = typer.Option([], "--arg", help="method hyper-parameter KEY=VALUE (repeatable)"),
-    logger: list[str] = typer.Option([], "--logger", metavar="NAME", help="log each epoch's metrics and per-block gradient / "
-                                     "update statistics (repeatable): " + "; ".join(
-                                         f"{name}: {doc}" for name, (_, doc) in LOGGERS.items())),
+    logger: list[str] = typer.Option([], "--logger", metavar="NAME", help=(
+        "log each epoch's metrics and per-block gradient / update statistics (repeatable): "
+        + "; ".join(f"{name}: {doc}" for name, (_, doc) in LOGGERS.items()))),
     overwrite: bool = OverwriteOpt, resume: bool = ResumeOpt, progress: bool = ProgressOpt,
     config: ConfigArgs = None,
 ) -> None:

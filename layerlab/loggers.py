@@ -62,8 +62,6 @@ def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
 class Logger(Callback):
     """Base of the loggers: turns the trainer's hooks into :meth:`start`, :meth:`log` and :meth:`close`."""
 
-    name = "logger"
-
     def on_train_start(self, model, method, run_dir: Path, cfg, start_epoch: int) -> None:
         self.start(Path(run_dir), cfg.to_dict(), start_epoch)
 
@@ -90,8 +88,6 @@ class Logger(Callback):
 
 class CSVLogger(Logger):
     """``RUN/log.csv``: one row per epoch, one column per tag (the final/best numbers join the last epoch's row)."""
-
-    name = "csv"
 
     def __init__(self, filename: str = LOG_CSV) -> None:
         self.filename = filename
@@ -127,7 +123,6 @@ class CSVLogger(Logger):
 class TensorBoardLogger(Logger):
     """``RUN/tensorboard/``: TensorBoard event files (``tensorboard --logdir RUN``), the config as text."""
 
-    name = "tensorboard"
     INSTALL = "the tensorboard logger needs TensorBoard: pip install tensorboard (or 'layerlab[loggers]')"
 
     def __init__(self, subdir: str = TENSORBOARD_DIR) -> None:
@@ -160,8 +155,8 @@ class WandbLogger(Logger):
     ``mode``: ``online``, ``offline`` (no network; ``wandb sync RUN/wandb/offline-run-*`` later) or None for
     wandb's own choice (``WANDB_MODE``, else online)."""
 
-    name = "wandb"
-    INSTALL = "the wandb logger needs Weights & Biases: pip install wandb (offline without an account: WANDB_MODE=offline)"
+    INSTALL = ("the wandb logger needs Weights & Biases: pip install wandb (offline without an account: "
+               "WANDB_MODE=offline)")
 
     def __init__(self, project: str = WANDB_PROJECT, mode: str | None = None) -> None:
         try:
