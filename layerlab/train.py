@@ -358,9 +358,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
 
 def run_header(cfg: TrainConfig, run_dir: Path, s: Setup, start_epoch: int = 0) -> str:
     """The line a run starts with: what it trains, on which data, the profile, where it writes, on which device."""
-    what = f"{cfg.method} {cfg.model}" + ("" if cfg.width == 1 else f" x{cfg.width:g}")
-    if cfg.update:
-        what += f" (update {cfg.update})"
+    details = ([] if cfg.width == 1 else [f"width {cfg.width:g}"]) + ([f"update {cfg.update}"] if cfg.update else [])
+    what = f"{cfg.method} {cfg.model}" + (f" ({', '.join(details)})" if details else "")
     epochs = (f"from epoch {start_epoch + 1} of {cfg.epochs}" if start_epoch
               else f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}")
     return (f"{'resume' if start_epoch else 'train'} {what} on {s.splits.name} ({len(s.splits.train):,} train / "

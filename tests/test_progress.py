@@ -52,12 +52,13 @@ def test_a_run_starts_with_a_header_and_shows_every_phase(tiny_cfg, digits_split
     train(cfg, run_dir, progress=True, splits=digits_splits, stop_after=1)
     out, err = capsys.readouterr()
     assert out == ""
-    assert bars(err)[0] == (f"train at resnet18 x0.0625 on digits (64 train / 32 test), 2 epochs, profile custom "
-                            f"-> {run_dir} on cpu")
+    assert bars(err)[0] == (f"train at resnet18 (width 0.0625) on digits (64 train / 32 test), 2 epochs, "
+                            f"profile custom -> {run_dir} on cpu")
     assert has_bar(err, "epoch 1/2", 2) and has_bar(err, "epoch 1 test", 1) and has_bar(err, "epoch 1 val", 1)
     summary = train(cfg, run_dir, progress=True, splits=digits_splits, resume=True)
     out, err = capsys.readouterr()
-    assert out == "" and bars(err)[0].startswith("resume at resnet18 x0.0625 on digits") and "from epoch 2 of 2" in err
+    assert out == "" and bars(err)[0].startswith("resume at resnet18 (width 0.0625) on digits")
+    assert "from epoch 2 of 2" in bars(err)[0]
     assert has_bar(err, "at run", 1)  # the epochs of this process
     assert has_bar(err, "test PGD-2 (last model)", 1)
     assert has_bar(err, f"test PGD-2 (best, epoch {summary['best_epoch']} model)", 1)
