@@ -62,6 +62,20 @@ def test_callback_receives_each_epochs_metrics_and_block_statistics(tiny_cfg, di
     assert [(e, b) for e, _, b in quiet.epochs] == [(1, {})]
 
 
+def test_block_statistics_show_cures_gradient_mask(tiny_cfg, digits_splits, tmp_path):
+    """CURE's RGP mask holds p = 30% of every conv weight tensor (the head is a Linear, unmasked): the blocks'
+    updated fraction drops to about 70% (their BatchNorm entries stay updated), while plain AT updates everything."""
+    seen = {}
+    for method, args in (("at", {}), ("cure", {"p": 30})):
+        spy = _Recorder()
+        train(tiny_cfg(method=method, method_args=args), tmp_path / method, progress=False, splits=digits_splits,
+              callbacks=[spy])
+        seen[method] = {block: v["updated_fraction"] for block, v in spy.epochs[-1][2].items()}
+    assert all(f > 0.99 for f in seen["at"].values())
+    assert all(0.69 < seen["cure"][b] < 0.75 for b in ("stem", "block1", "block2", "block3", "block4"))
+    assert seen["cure"]["head"] > 0.99
+
+
 def test_scalars_flatten_metrics_and_blocks_and_drop_missing_values():
     metrics = {"epoch": 3, "lr": 0.1, "natural_acc": 50.0, "robust_acc": None, "val_robust_acc": float("nan")}
     blocks = {"block2": {"grad_mean_abs": 0.5, "updated_fraction": 0.25}}
