@@ -43,8 +43,9 @@ class Callback:
         ``metrics.jsonl`` row (``lr``, ``train_loss``, ``train_acc``, ``natural_acc``, ``robust_acc``, ``val_*``,
         ``seconds``, ...; ``robust_acc`` is None without per-epoch PGD) and ``blocks`` maps each trainable model
         part (``stem``, ``block1``, ..., ``head``) to its ``grad_mean_abs`` (mean |gradient| the optimizer saw,
-        after any mask) and ``updated_fraction`` (fraction of its entries the steps changed), averaged over the
-        epoch's steps and weighted by entries (:func:`layerlab.analysis.layer_stats.block_summary`); frozen parts
+        after any mask), ``updated_fraction`` (fraction of its entries a step changed, averaged over the epoch's
+        steps) and ``updated_once_fraction`` (fraction changed at least once in the epoch), weighted by entries
+        (:func:`layerlab.analysis.layer_stats.block_summary`); frozen parts
         are absent, and ``blocks`` is empty when the run records no gradient statistics (``grad_stats=False``)."""
 
     def on_train_end(self, run_dir: Path, summary: dict[str, Any]) -> None:

@@ -63,6 +63,7 @@ NRR_METRICS = {"last_nrr": ("last_natural", "last_robust"), "best_nrr": ("best_n
 PGD_OF = {"last_worst": "last_robust", "best_worst": "best_robust", "last_worst_nrr": "last_nrr",
           "best_worst_nrr": "best_nrr", "best_minus_last_worst": "best_minus_last_robust"}
 METRIC_NAMES = {"last_natural": "natural, last", "last_robust": "PGD-20, last", "last_worst": "worst case, last",
+                "best_worst": "worst case, best",
                 "last_nrr": "NRR (PGD-20), last", "last_worst_nrr": "NRR (worst case), last",
                 "best_minus_last_worst": "worst case best - last", "best_minus_last_robust": "PGD-20 best - last"}
 
@@ -162,6 +163,12 @@ CLAIMS: tuple[Claim, ...] = (
           "SAT on natural images", "greater", "last_natural", ("U-23-code", "AT")),
     Claim("u23-code-robust-over-sat", "CURE", "U-23, frozen as the released code freezes, is more robust than SAT",
           "greater", "last_worst", ("U-23-code", "AT")),
+    Claim("awp-gamma-peaks-inside", "RWP", "AWP's best robust accuracy peaks at an intermediate perturbation size "
+          "(0 to 8 x 5e-3): a larger weight perturbation undermines robustness (Fig. 1a)", "peaks_inside",
+          "best_worst", ("AT", "AWP-g0.0025", "AWP-g0.005", "AWP", "AWP-g0.02", "AWP-g0.04")),
+    Claim("awp-small-loss-range-closes-the-gap", "RWP", "AWP generated from the small-loss examples alone "
+          "([0, 0.5)) leaves a smaller best - last robust gap than AWP from the large-loss ones ([1.5, inf)) "
+          "(Fig. 1c)", "greater", "best_minus_last_worst", ("AWP-loss1.5-inf", "AWP-loss0-0.5")),
 )
 
 

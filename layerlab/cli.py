@@ -21,10 +21,13 @@ from layerlab.analysis.corruptions import corruptions_run
 from layerlab.analysis.curves import write_curves
 from layerlab.analysis.lsc import mu_grid, parse_edges, lsc_run
 from layerlab.analysis.minimum import minpert_runs
-from layerlab.config import ST_EPOCHS
+from layerlab.benchmark import EVAL_FILE, MODEL_HELP, NORMALIZE_HELP
+from layerlab.benchmark import benchmark as run_benchmark
+from layerlab.config import EPS, PGD_STEP, ST_EPOCHS
 from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evaluate_run
-from layerlab.gallery import GROUPS
+from layerlab.gallery import GROUPS, redraw, verify, write_readme
 from layerlab.gallery import reproduce as run_all
+from layerlab.gallery.settings import group_of
 from layerlab.loggers import LOGGERS, loggers
 from layerlab.methods import METHODS, PRESETS, resolve_method
 from layerlab.methods.perturbation import C_MIN
@@ -33,7 +36,7 @@ from layerlab.plots.cka import plot_cka
 from layerlab.plots.layer_stats import plot_grads
 from layerlab.plots.robustness import plot_eps_sweep
 from layerlab.progress import note
-from layerlab.records import export_records, restore_records
+from layerlab.records import NotRecorded, export_records, restore_records
 from layerlab.study import run_freeze_study, run_method_comparison
 from layerlab.system import tune_cpu_allocator
 
@@ -82,6 +85,8 @@ DataDirOpt = typer.Option(None, "--data-dir", help="where datasets live (else $L
 OverwriteOpt = switch(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = switch(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = switch(True, "--progress/--no-progress", help="show progress bars")
+Cifar10cOpt = typer.Option(None, "--cifar10c", help="directory of the published CIFAR-10-C files (<corruption>.npy, "
+                           "labels.npy): read the corrupted images from them instead of generating them")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
                                          f"profile {ST_EPOCHS}")
 
@@ -196,6 +201,11 @@ def eval_cmd(
                               sweep_255=sweep, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
+    _print_eval(report, run / eval_file(checkpoint), run.name)
+
+
+def _print_eval(report: dict[str, Any], path: Path, label: str) -> None:
+    """Print an eval.json report written to ``path`` (and draw its eps-sweep beside it)."""
     for name, res in report["results"].items():
         typer.echo(f"{name:<12}{res['accuracy']:>8.2f}%")
     for norm, res in report["worst_case"].items():
@@ -205,12 +215,64 @@ def eval_cmd(
     if "eps_sweep" in report:
         points = report["eps_sweep"]["points"]
         typer.echo("eps-sweep   " + "  ".join(f"{p['eps_255']:g}:{p['accuracy']:.1f}" for p in points))
-        typer.echo(f"wrote {plot_eps_sweep({run.name: run / eval_file(checkpoint)}, run / 'eps_sweep.png')}")
+        typer.echo(f"wrote {plot_eps_sweep({label: path}, path.parent / 'eps_sweep.png')}")
     if not report["checks"]["passed"]:
-        typer.echo(f"WARNING: sanity checks failed (see 'checks' in {eval_file(checkpoint)}); do not trust these "
-                   "numbers", err=True)
+        typer.echo(f"WARNING: sanity checks failed (see 'checks' in {path.name}); do not trust these numbers",
+                   err=True)
     status = "passed" if report["checks"]["passed"] else "FAILED"
-    typer.echo(f"wrote {run / eval_file(checkpoint)} (n={report['n']}, sanity checks {status})")
+    typer.echo(f"wrote {path} (n={report['n']}, sanity checks {status})")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="state_dict file (read with torch.load "
+                                           "weights_only=True; also nested under state_dict or model)"),
+    dataset: str = typer.Option("cifar10", help="digits, cifar10, cifar100, svhn or folder:PATH"),
+    out: Path = typer.Option(..., "--out", help="directory for eval.json (and corruptions.csv/png)"),
+    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP),
+    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
+    eps: float = typer.Option(EPS * 255, help="L-inf attack radius, in 1/255 units"),
+    pgd_step: float = typer.Option(PGD_STEP * 255, "--pgd-step", help="L-inf PGD/CW step size, in 1/255 units"),
+    normalize: Optional[str] = typer.Option(None, help=NORMALIZE_HELP),
+    corruptions: Optional[str] = typer.Option(None, help="also CIFAR-10-C: comma-separated corruption types or "
+                                              "groups (noise, blur, weather, digital, all)"),
+    severities: str = typer.Option("1,2,3,4,5", help="comma-separated corruption severities (1-5)"),
+    cifar10c: Optional[Path] = Cifar10cOpt,
+    batch_size: int = typer.Option(256, help="evaluation batch size"),
+    seed: int = typer.Option(0, help="attack (and generated corruption) seed"),
+    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
+                                  help="eps values (x 1/255) of the eps-sweep"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    data_dir: Optional[str] = DataDirOpt,
+    overwrite: bool = switch(False, "--overwrite", help="replace OUT/eval.json and OUT/corruptions.csv"),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Evaluate any model (not only a run) under attacks, and optionally CIFAR-10-C; writes OUT/eval.json.
+
+    The model takes images in [0, 1] and returns logits, normalizing inside (RobustBench's convention) unless
+    given --normalize. A module:function spec may name a module of the current directory. With --cifar10c DIR
+    the corrupted images are read from the published files (all 15 corruptions unless --corruptions says
+    otherwise); with --corruptions alone they are generated. eval.json names the source.
+    """
+    if str(Path.cwd()) not in sys.path:  # as under python -m: specs may name a module of the current directory
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        report = run_benchmark(
+            model, dataset, weights=weights, data_dir=data_dir, n=n, eps=eps / 255, step=pgd_step / 255,
+            attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+            sweep_255=[float(e) for e in eps_sweep.split(",") if e.strip()], normalize=normalize,
+            corruptions=[t.strip() for t in corruptions.split(",") if t.strip()] if corruptions else None,
+            severities=[int(s) for s in severities.split(",") if s.strip()], cifar10c=cifar10c,
+            batch_size=batch_size, seed=seed, device=device, out=out, overwrite=overwrite,
+            progress=progress)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    _print_eval(report, out / EVAL_FILE, model)
+    if "corruptions" in report:
+        c = report["corruptions"]
+        typer.echo(f"{'cifar10-c':<12}{c['mean']:>8.2f}%  (mean over {len(c['types'])} corruptions x "
+                   f"{len(c['severities'])} severities; {c['source']}; wrote {out / c['file']})")
 
 
 @app.command()
@@ -224,14 +286,16 @@ def corruptions(
     batch_size: int = typer.Option(256, help="evaluation batch size"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
+    cifar10c: Optional[Path] = Cifar10cOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Accuracy under the 15 CIFAR-10-C corruptions (generated on the fly); writes RUN/corruptions.{csv,png}."""
+    """Accuracy under the 15 CIFAR-10-C corruptions (read from --cifar10c DIR, else generated on the fly); writes
+    RUN/corruptions.{csv,png}, whose source column says which."""
     try:
         csv, png = corruptions_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
                                        severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
                                        checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir,
-                                       progress=progress)
+                                       cifar10c=cifar10c, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"wrote {csv} and {png}")
@@ -428,7 +492,8 @@ def reproduce(
     progress: Optional[bool] = switch(None, "--progress/--no-progress",
                                             help="progress bars (default: on at cpu and paper scale)"),
     records: Optional[Path] = typer.Option(None, "--records", help="directory of run records (e.g. results/runs-cpu): "
-                                           "restore missing runs from it first, export finished runs to it"),
+                                           "restore missing runs from it first, export finished runs to it; "
+                                           "the manifests name its files"),
 ) -> None:
     """Re-make every figure of the CURE and RWP papers: the same library calls as notebooks/01-12."""
     try:
@@ -453,7 +518,7 @@ def records_export(
     runs: Path = typer.Option(..., "--runs", help="run root whose finished runs are exported"),
     to: Path = typer.Option(..., "--to", help="records directory (e.g. results/runs-cpu)"),
 ) -> None:
-    """Copy every finished run's JSON/JSONL/CSV results (never checkpoints) to TO/RUN/."""
+    """Copy every finished run's JSON/JSONL/CSV/NPZ results (never checkpoints) to TO/RUN/."""
     try:
         names = export_records(runs, to)
     except FileNotFoundError as err:
@@ -471,6 +536,40 @@ def records_restore(
         _fail(FileNotFoundError(f"records directory {src} does not exist"))
     names = restore_records(src, runs)
     typer.echo(f"restored {len(names)} runs into {runs}: {', '.join(names)}")
+
+
+@records_app.command("verify")
+def records_verify(
+    figures: Path = typer.Option(Path("figures"), "--figures", help="figures directory whose manifests are checked"),
+) -> None:
+    """Check that every figure group's manifest matches the records it was drawn from (content hashes) and that no
+    file under FIGURES copies a record; exit 1 listing each problem."""
+    if not figures.is_dir():
+        _fail(FileNotFoundError(f"figures directory {figures} does not exist; pass it with --figures"))
+    problems = verify(figures)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{figures}: every manifest matches its records")
+
+
+@records_app.command("redraw")
+def records_redraw(
+    only: str = typer.Option(..., "--only", help="comma-separated figure groups to draw again from their records"),
+    figures: Path = typer.Option(Path("figures"), "--figures", help="figures directory holding the groups"),
+    data_dir: Optional[str] = DataDirOpt,
+) -> None:
+    """Draw figure groups again from the records their manifests name, alone (nothing trains), and rewrite
+    FIGURES/README.md."""
+    try:
+        groups = [group_of(k.strip()) for k in only.split(",") if k.strip()]  # every name checked before drawing
+        for group in groups:
+            for path in redraw(group.key, figures, data_dir).values():
+                typer.echo(f"  {path}")
+    except (ValueError, FileNotFoundError, FileExistsError, NotRecorded) as err:
+        _fail(err)
+    write_readme(figures)
 
 
 @app.command()

@@ -113,6 +113,11 @@ class Splits:
     class_names: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    test_index: Tensor | None = None
+    """Position of each ``test`` example in the full test split as stored; None when unknown."""
+    stored_test_labels: Tensor | None = None
+    """Labels of the full test split in its stored order; with ``test_index`` they line ``test`` up with files
+    that hold the whole test set (the published CIFAR-10-C); None when unknown."""
 
 
 # --------------------------------------------------------------------------------------
@@ -176,7 +181,8 @@ def load_splits(
         raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)} or 'folder:PATH'")
 
     mean, std = channel_stats(full_train.images)
-    train, val, test = _select_subsets(full_train, full_test, train_size, test_size, val_size, seed)
+    train, val, test_index = _select_subsets(full_train, full_test, train_size, test_size, val_size, seed)
+    test = full_test.subset(test_index)
     device = torch.device(device)
     return Splits(
         name=label,
@@ -187,6 +193,8 @@ def load_splits(
         class_names=list(classes),
         mean=mean,
         std=std,
+        test_index=test_index,
+        stored_test_labels=full_test.labels,
     )
 
 
@@ -249,8 +257,9 @@ def _select_subsets(
     test_size: int | None,
     val_size: int,
     seed: int,
-) -> tuple[ImageSet, ImageSet | None, ImageSet]:
-    """Seeded class-balanced train/val/test subsets; val is disjoint from train.
+) -> tuple[ImageSet, ImageSet | None, Tensor]:
+    """Seeded class-balanced train/val subsets (val disjoint from train) and the test subset's positions in
+    ``full_test``, in the evaluation order (:func:`interleave_classes`).
 
     Within each class one seeded permutation is drawn: val takes from its end and train from
     its start, so for a given seed the train subset does not move when ``val_size`` changes
@@ -277,15 +286,15 @@ def _select_subsets(
     train = full_train if train_size is None and val_size == 0 else full_train.subset(train_idx)
     val = full_train.subset(val_idx) if val_size > 0 else None
 
-    test = full_test
+    test_index = torch.arange(len(full_test))
     if test_size is not None and test_size != len(full_test):
         tgen = _rng(seed, 2)
         tperms = _class_permutations(full_test.labels, tgen)
         tq = balanced_quotas([len(p) for p in tperms], test_size, tgen)
-        test = full_test.subset(_gather(tperms, tq, from_end=False))
-    if len(test):
-        test = test.subset(interleave_classes(test.labels, _rng(0, 3)))  # the same order for every seed
-    return train, val, test
+        test_index = _gather(tperms, tq, from_end=False)
+    if len(test_index):  # the same order for every seed
+        test_index = test_index[interleave_classes(full_test.labels[test_index], _rng(0, 3))]
+    return train, val, test_index
 
 
 def interleave_classes(labels: Tensor, generator: torch.Generator) -> Tensor:

@@ -14,16 +14,23 @@ Run names carry the training seed as ``-sN``; a name without it is seed 0, so th
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import pandas as pd
+
 from layerlab import records, runs
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.evaluation import eval_file, evaluate_run
+from layerlab.methods import METHODS, build_method
 from layerlab.methods.cure import CODE_ARGS
+from layerlab.methods.perturbation import C_MIN
+from layerlab.plots.experiments import plot_curves_and_removal, plot_group_bars, plot_sweep
 from layerlab.train import train
 
 SEEDS = (0, 1, 2)
@@ -85,29 +92,49 @@ def group_of(run_name: str) -> str:
 _ST = RunSpec("ST", {"method": "st", "epochs": ST_EPOCHS["cpu"]})
 
 
+def seed_major(groups: Iterable[list[RunSpec]]) -> list[RunSpec]:
+    """Seed 0 of every group first, then seed 1, then seed 2: a partial experiment still compares all groups."""
+    groups = list(groups)
+    return [spec for s in SEEDS for group in groups for spec in group if spec.changes["seed"] == s]
+
+
+# Runs that several experiments share (one name, one config: a finished run serves them all).
+def _at() -> list[RunSpec]:
+    return seeded("AT", method="at")
+
+
+def _trades() -> list[RunSpec]:
+    return seeded("TRADES", method="trades")
+
+
+def _cure(name: str = "CURE", **method_args: Any) -> list[RunSpec]:
+    """CURE from the ST model; without ``method_args`` the paper-text defaults (the gallery's ``CURE``)."""
+    return seeded(name, method="cure", init="ST", **({"method_args": method_args} if method_args else {}))
+
+
+def _trades_from_st(beta: float) -> list[RunSpec]:
+    return seeded(f"TRADES-b{beta:g}-fromST", method="trades", method_args={"beta": beta}, init="ST")
+
+
 def _cure_decision() -> tuple[RunSpec, ...]:
     """CURE as the paper's text vs the released code, against baselines from the same ST model (issue-level
     question: why the miniature's CURE stays near ST)."""
-    order = [
-        seeded("CURE-code", method="cure", method_args=dict(CODE_ARGS), init="ST"),
-        seeded("CURE-d0.98-rconst", method="cure", method_args={"d": 0.98, "r_decay": "none"}, init="ST"),
-        seeded("TRADES-b5-fromST", method="trades", method_args={"beta": 5.0}, init="ST"),
-        seeded("CURE", method="cure", init="ST"),
-        seeded("TRADES-b6-fromST", method="trades", method_args={"beta": 6.0}, init="ST"),
-        seeded("AT", method="at"),
-        seeded("TRADES", method="trades"),
-    ]
-    # seed 0 of every variant first, then seed 1, then seed 2: a partial experiment still compares all
-    by_seed = [spec for s in SEEDS for group in order for spec in group if spec.changes["seed"] == s]
-    return (_ST, *by_seed)
+    order = [_cure("CURE-code", **CODE_ARGS), _cure("CURE-d0.98-rconst", d=0.98, r_decay="none"), _trades_from_st(5.0),
+             _cure(), _trades_from_st(6.0), _at(), _trades()]
+    return (_ST, *seed_major(order))
 
 
 def _overfit_pilot() -> tuple[RunSpec, ...]:
-    """Training-set size, epochs and width at which AT robust-overfits on a CPU (step decay at 50% / 75%)."""
-    def at(n: int, epochs: int, width: float) -> RunSpec:
-        return RunSpec(f"AT-n{n}-e{epochs}-w{width}", {"method": "at", "train_size": n, "epochs": epochs,
-                                                       "width": width, "keep_every": max(1, epochs // 10)})
-    return (at(2000, 60, 0.25), at(1000, 60, 0.25), at(1000, 60, 0.5), at(500, 100, 0.5))
+    """Training-set size, epochs and width at which AT robust-overfits on a CPU (step decay at 50% / 75%).
+    ``v``: validation and per-epoch test subset size, when smaller than the profile's 500 (the per-epoch
+    evaluation costs as much as a 1,000-image training epoch)."""
+    def at(n: int, epochs: int, width: float, v: int | None = None) -> RunSpec:
+        small = {"val_size": v, "eval_size": v} if v else {}
+        return RunSpec(f"AT-n{n}-e{epochs}-w{width}" + (f"-v{v}" if v else ""),
+                       {"method": "at", "train_size": n, "epochs": epochs, "width": width,
+                        "keep_every": max(1, epochs // 10), **small})
+    return (at(2000, 60, 0.25), at(1000, 60, 0.25), at(1000, 60, 0.5), at(500, 200, 0.25, v=200),
+            at(1000, 200, 0.25, v=200))
 
 
 FREEZE_SPECS = ("1", "4", "23", "123")
@@ -117,11 +144,76 @@ CODE_FREEZE = {"train_stem": True, "frozen_bn": "adapt"}  # how the released cod
 def _freeze_variants() -> tuple[RunSpec, ...]:
     """The freeze study as the paper's text reads (stem with block1, frozen statistics fixed) and as the released
     code runs it (stem always trained, frozen statistics adapting), against SAT (= AT)."""
-    order = [seeded("AT", method="at")]
+    order = [_at()]
     for spec in FREEZE_SPECS:
         order.append(seeded(f"U-{spec}", method="at", update=spec, init="ST"))
         order.append(seeded(f"U-{spec}-code", method="at", update=spec, init="ST", **CODE_FREEZE))
-    return (_ST, *[spec for s in SEEDS for group in order for spec in group if spec.changes["seed"] == s])
+    return (_ST, *seed_major(order))
+
+
+# RWP Fig. 1a: AWP's weight-perturbation size as multiples of AWP_GAMMA0 (0 = AT; 2 x = AWP's default 0.01, the
+# gallery's ``AWP`` run). Fig. 1c: AWP generated from the examples of one LSC loss range each.
+AWP_GAMMA0 = 5e-3
+AWP_DEFAULT_GAMMA = inspect.signature(METHODS["awp"][0]).parameters["gamma"].default
+AWP_GAMMA_MULTIPLES = (0.5, 1, 2, 4, 8)
+AWP_LOSS_RANGES = ((0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, math.inf))
+
+
+def _awp(gamma: float | None = None, loss_range: tuple[float, float] | None = None) -> list[RunSpec]:
+    """AT-AWP: the default (``AWP``), another ``gamma`` (``AWP-gG``) or one loss range (``AWP-lossLO-HI``)."""
+    if loss_range is not None:
+        lo, hi = loss_range
+        args = {"loss_lo": lo, **({} if math.isinf(hi) else {"loss_hi": hi})}
+        return seeded(f"AWP-loss{lo:g}-{hi:g}", method="awp", method_args=args)
+    if gamma is None or gamma == AWP_DEFAULT_GAMMA:
+        return seeded("AWP", method="awp")
+    return seeded(f"AWP-g{gamma:g}", method="awp", method_args={"gamma": gamma})
+
+
+def _awp_gamma() -> tuple[RunSpec, ...]:
+    """RWP Fig. 1a: AWP's best robust accuracy against its weight-perturbation size, 0 (AT) to 8 x AWP_GAMMA0."""
+    return tuple(seed_major([_at(), *(_awp(round(m * AWP_GAMMA0, 10)) for m in AWP_GAMMA_MULTIPLES)]))
+
+
+def _awp_loss_ranges() -> tuple[RunSpec, ...]:
+    """RWP Fig. 1c: AWP (gamma 0.01) generated only from the examples whose adversarial loss lies in one range,
+    against AT and AWP on every example."""
+    return tuple(seed_major([_at(), _awp(), *(_awp(loss_range=r) for r in AWP_LOSS_RANGES)]))
+
+
+def _lsc_removal() -> tuple[RunSpec, ...]:
+    """RWP appendix: AT without the examples below the LSC value (per-epoch removal rate), against AT and RWP."""
+    return tuple(seed_major([_at(), seeded("AT-remove", method="at-remove", method_args={"c_min": C_MIN}),
+                             seeded("RWP", method="rwp")]))
+
+
+def _cure_eff() -> tuple[RunSpec, ...]:
+    """CURE Table 4: CURE^Eff (natural warm-up, then CURE, no ST model) beside CURE from the ST model, as the
+    paper's text and as the released code runs it."""
+    order = [seeded("CURE-eff", method="cure-eff"),
+             seeded("CURE-eff-code", method="cure-eff", method_args=dict(CODE_ARGS)),
+             _cure(), _cure("CURE-code", **CODE_ARGS)]
+    return (_ST, *seed_major(order))
+
+
+def _baselines_from_st() -> tuple[RunSpec, ...]:
+    """CURE Table 5: AT, TRADES and MART started from the same ST model as CURE, beside the same from scratch."""
+    order = [seeded("AT-fromST", method="at", init="ST"), seeded("MART-fromST", method="mart", init="ST"),
+             _trades_from_st(6.0), _cure(), _at(), _trades(), seeded("MART", method="mart")]
+    return (_ST, *seed_major(order))
+
+
+# CURE Table 10: one factor at a time around the paper-text CURE (gamma 1, p 30, rgp_alpha 0.1), over the values the
+# paper's Table 9 uses for its other architectures and data sets (p 20 / 50, rgp_alpha 0.2 / 0.3, gamma 0.5), and
+# gamma 2 above the default.
+CURE_GRID: dict[str, tuple[float, ...]] = {"gamma": (0.5, 2.0), "p": (20.0, 50.0), "rgp_alpha": (0.2, 0.3)}
+
+
+def _cure_grid() -> tuple[RunSpec, ...]:
+    """CURE Table 10: gamma, p and rgp_alpha varied one at a time around the paper-text defaults (``CURE``)."""
+    order = [_cure()] + [_cure(f"CURE-{key.replace('rgp_', '')}{value:g}", **{key: value})
+                         for key, values in CURE_GRID.items() for value in values]
+    return (_ST, *seed_major(order))
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -134,6 +226,21 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
                    _overfit_pilot(), checkpoints=("best", "last")),
+        Experiment("awp-gamma", "RWP Fig. 1a: does AWP's best robust accuracy first rise and then fall as its "
+                   "weight-perturbation size grows from 0 (AT) to 8 x 5e-3? (3 seeds)", "cpu", _awp_gamma(),
+                   checkpoints=("best", "last")),
+        Experiment("awp-loss-ranges", "RWP Fig. 1c: is AWP generated from the small-loss examples alone what "
+                   "prevents robust overfitting, and AWP from the large-loss ones unnecessary? (3 seeds)", "cpu",
+                   _awp_loss_ranges(), checkpoints=("best", "last")),
+        Experiment("lsc-removal", "RWP appendix: does removing the examples below the LSC value from AT, instead of "
+                   "perturbing the weights on them (RWP), help? Removal rate per epoch (3 seeds)", "cpu",
+                   _lsc_removal(), checkpoints=("best", "last")),
+        Experiment("cure-eff", "CURE Table 4: does CURE^Eff (natural warm-up inside the budget, no ST model) match "
+                   "CURE from the ST model? (3 seeds)", "cpu", _cure_eff()),
+        Experiment("baselines-from-st", "CURE Table 5: do AT, TRADES and MART started from the ST model reach "
+                   "CURE's trade-off? (3 seeds)", "cpu", _baselines_from_st()),
+        Experiment("cure-grid", "CURE Table 10: how do gamma, p and rgp_alpha, one at a time around the defaults, "
+                   "move CURE's natural and robust accuracy? (3 seeds)", "cpu", _cure_grid()),
     )
 }
 
@@ -303,6 +410,72 @@ def write_summary_csv(name: str, root: str | Path, out_dir: str | Path) -> list[
     return paths
 
 
+def curves(name: str, root: str | Path) -> pd.DataFrame:
+    """Every finished run's per-epoch ``metrics.jsonl`` rows of experiment ``name``, with its group and seed."""
+    root = Path(root)
+    rows = [{"run": spec.name, "group": group_of(spec.name), "seed": seed_of(spec.name), **row}
+            for spec in experiment(name).specs if finished(root / spec.name)
+            for row in runs.read_jsonl(root / spec.name / "metrics.jsonl")]
+    return pd.DataFrame(rows)
+
+
+def group_hparams(name: str) -> dict[str, dict[str, Any]]:
+    """The method hyper-parameters of every group of experiment ``name`` (``Method.hparams`` of its seed-0 run)."""
+    return {group_of(s.name): build_method(s.changes["method"], s.changes.get("method_args", {})).hparams()
+            for s in experiment(name).specs if s.changes.get("seed", 0) == 0}
+
+
+ROBUST = ("best_robust", "last_robust", "best_worst", "last_worst")
+TRADEOFF = ("last_natural", "last_robust", "last_worst")
+
+
+def _awp_gamma_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
+    gammas = {g: hp.get("awp.gamma", 0.0) for g, hp in group_hparams("awp-gamma").items()}
+    table = table.assign(gamma_multiple=[gammas[g] / AWP_GAMMA0 for g in table["group"]])
+    return [plot_sweep(table, "gamma_multiple", ROBUST, out / "rwp_fig1a_awp_gamma.png",
+                       xlabel=f"AWP weight-perturbation size gamma / {AWP_GAMMA0:g} (0 = AT)",
+                       title="RWP Fig. 1a: AWP's robustness against its perturbation size")]
+
+
+def _bars(file: str, metrics: tuple[str, ...], title: str) -> Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]:
+    return lambda table, _, out: [plot_group_bars(table, metrics, out / file, title=title)]
+
+
+def _removal_figure(table: pd.DataFrame, curves_: pd.DataFrame, out: Path) -> list[Path]:
+    return [plot_curves_and_removal(curves_, out / "rwp_appendix_removal_curves.png",
+                                    title=f"Test robustness per epoch (removal below c_min = {C_MIN:g})"),
+            plot_group_bars(table, ROBUST, out / "rwp_appendix_removal_best_last.png",
+                            title="AT without the examples below c_min: best and last")]
+
+
+# experiment -> what its figures are drawn with: (summary table, per-epoch curves, output folder) -> files
+FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]] = {
+    "awp-gamma": _awp_gamma_figure,
+    "awp-loss-ranges": _bars("rwp_fig1c_awp_loss_ranges.png", ROBUST,
+                             "RWP Fig. 1c: AWP generated from one loss range"),
+    "lsc-removal": _removal_figure,
+    "cure-eff": _bars("cure_table4_cure_eff.png", TRADEOFF, "CURE Table 4: CURE^Eff and CURE"),
+    "baselines-from-st": _bars("cure_table5_from_st.png", TRADEOFF, "CURE Table 5: baselines from the ST model"),
+    "cure-grid": _bars("cure_table10_grid.png", TRADEOFF, "CURE Table 10: gamma, p, rgp_alpha one at a time"),
+}
+
+
+def write_figures(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
+    """The summary CSVs (:func:`write_summary_csv`), ``NAME-curves.csv`` and experiment ``name``'s figures."""
+    if name not in FIGURES:
+        raise ValueError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
+    if not any(finished(Path(root) / s.name) for s in experiment(name).specs):
+        raise ValueError(f"experiment {name!r} has no finished run under {root}; train it first "
+                         f"(python -m layerlab.experiments run {name} --runs {root})")
+    out_dir = Path(out_dir)
+    paths = write_summary_csv(name, root, out_dir)
+    table = pd.read_csv(paths[1])
+    per_epoch = curves(name, root)
+    paths.append(out_dir / f"{name}-curves.csv")
+    per_epoch.to_csv(paths[-1], index=False)
+    return paths + FIGURES[name](table, per_epoch, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layerlab.experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,7 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     summ.add_argument("name", choices=sorted(EXPERIMENTS))
     summ.add_argument("--runs", required=True, help="run root")
     summ.add_argument("--out", required=True, help="directory for NAME.csv and NAME-runs.csv")
+    figs = sub.add_parser("figures", help="summary CSVs, per-epoch curves and the figures (error bars over seeds)")
+    figs.add_argument("name", choices=sorted(FIGURES))
+    figs.add_argument("--runs", required=True, help="run root")
+    figs.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
     args = parser.parse_args(argv)
+    if args.command == "figures":
+        for path in write_figures(args.name, args.runs, args.out):
+            print(path)
+        return 0
     if args.command == "summarize":
         for path in write_summary_csv(args.name, args.runs, args.out):
             print(path)

@@ -6,7 +6,8 @@ from the runs' own files only (no model is loaded):
 * accuracy curves and a per-epoch table (``metrics.jsonl``), with the chosen epoch marked;
 * the natural-vs-adversarial CKA heatmap of the focus run, restricted to the chosen blocks (``cka.json``);
 * mean |gradient| per block and the percentage of weights updated per layer at the chosen epoch, for every
-  chosen run (``layer_stats.jsonl``; 100 - updated = the share a mask such as CURE's RGP kept fixed);
+  chosen run (``layer_stats.jsonl``; 100 - updated = the share a mask such as CURE's RGP kept fixed; the layers
+  a U-spec run froze are at 0%);
 * the LSC loss landscapes of the checkpoint nearest the chosen epoch and the removal rate over training
   (``lsc.csv``, ``removal_rate.csv``).
 
@@ -14,14 +15,18 @@ A "what if" panel freezes every block but a chosen set, starts from an ST run of
 short adversarial run (:func:`layerlab.train.train` with ``update=SPEC``, ``init=ST/best.pt``) into
 ``ROOT/whatif/U-SPEC``, with a progress bar; when it finishes the new run is selected next to the others.
 
-The figures are PNG bytes in :class:`ipywidgets.Image` widgets and the table is HTML, so the app works the
-same in JupyterLab, in Voilà (``layerlab explore --runs ROOT``) and headless (the tests call the callbacks
-and compare the images). The module is callable: ``layerlab.explore(ROOT)`` is :func:`explore`.
+Each figure is drawn by matplotlib into an ipympl canvas widget (:class:`FigurePanel`: zoom and pan from its
+toolbar, the data under the cursor below it) and the table is HTML, so the app works the same in JupyterLab,
+in Voilà (``layerlab explore --runs ROOT``) and headless (the tests call the callbacks and compare the
+figures as PNG). Served by Voilà, the page shows a loading message while the kernel starts, and the
+kernel of a page that is gone is shut down once idle (:func:`voila_command`). The module is callable:
+``layerlab.explore(ROOT)`` is :func:`explore`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import io
 import math
@@ -30,11 +35,13 @@ import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
+from ipympl.backend_nbagg import Canvas, FigureManager
+from matplotlib.figure import Figure
 
 from layerlab import runs
 from layerlab.analysis.curves import curves_of
@@ -43,7 +50,7 @@ from layerlab.config import TrainConfig
 from layerlab.plots.cka import cka_view, draw_cka
 from layerlab.plots.curves import draw_curves
 from layerlab.plots.lsc import draw_lsc_landscape, draw_removal_rate
-from layerlab.plots.style import new_figure
+from layerlab.plots.style import apply_style
 from layerlab.train import splits_for, train
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "cka.json", "layer_stats.jsonl", "lsc.csv",
@@ -52,6 +59,15 @@ MODES = {"natural": ("natural_acc", "val_natural_acc"), "adversarial": ("robust_
 WHATIF_DIR = "whatif"
 WHATIF_TRAIN_SIZE = 1000  # what-if runs are smoke-scale: at most this many training images
 APP_CLASS = "layerlab-explorer"
+FIGURE_CLASS = "layerlab-figure"
+PANEL_DPI = 80  # pixels per inch of the figure panels and their PNG snapshots (figure sizes are in inches)
+TABLE_CSS = ("<style>.layerlab-summary {border-collapse: collapse; margin: 6px 0}"
+             " .layerlab-summary th, .layerlab-summary td {padding: 3px 12px; text-align: right;"
+             " border-bottom: 1px solid #ddd; white-space: nowrap}"
+             " .layerlab-summary th:nth-child(-n+3), .layerlab-summary td:nth-child(-n+3) {text-align: left}</style>")
+SELECT_HINT = "Ctrl-click (⌘-click on a Mac) or Shift-click to select several runs or blocks"
+KERNEL_CULL_IDLE = 600  # seconds a served explorer's kernel may sit without a page before Voilà shuts it down
+KERNEL_CULL_INTERVAL = 60  # seconds between Voilà's checks for such kernels
 
 
 # --------------------------------------------------------------------------------------
@@ -82,6 +98,7 @@ class RunFiles:
     path: Path
     config: dict[str, Any]
     blocks: list[str]
+    part_counts: list[dict[str, Any]]  # config.json's parameter counts per part: part, total, trainable
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     cka: dict[str, Any] | None
@@ -92,6 +109,11 @@ class RunFiles:
     @property
     def method(self) -> str:
         return self.config.get("method", "?")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether some part of the model was trained with fewer trainable weights than it has (a U-spec run)."""
+        return any(b["trainable"] < b["total"] for b in self.part_counts)
 
     @property
     def epochs(self) -> list[int]:
@@ -128,52 +150,78 @@ def read_run_files(label: str, path: Path) -> RunFiles:
         return frame if len(frame) else None
 
     return RunFiles(label=label, path=path, config=meta.get("config", {}),
-                    blocks=[b["part"] for b in meta.get("blocks", [])],
+                    blocks=[b["part"] for b in meta.get("blocks", [])], part_counts=meta.get("blocks", []),
                     metrics=sorted(runs.read_jsonl(path / "metrics.jsonl"), key=lambda r: r["epoch"]),
                     summary=runs.read_json(path / "summary.json") if (path / "summary.json").exists() else None,
                     cka=runs.read_json(path / "cka.json") if (path / "cka.json").exists() else None,
                     stats=stats, lsc=csv("lsc.csv"), removal=csv("removal_rate.csv"))
 
 
+@functools.lru_cache(maxsize=None)
+def weight_layers(model: str, width: float) -> tuple[tuple[str, str], ...]:
+    """(parameter, part) of every conv/linear weight of a ``model`` of ``width``, in forward order.
+
+    The model is built on the meta device (no memory, no initialization cost): only its parameter names count.
+    """
+    import torch
+
+    from layerlab.models import block_of_param, build_model
+
+    with torch.device("meta"):
+        net = build_model(model, width=width)
+    return tuple((name, block_of_param(name)) for name, p in net.named_parameters() if p.dim() > 1)
+
+
+def updated_percent(run: RunFiles, epoch: int, blocks: Sequence[str]) -> pd.Series:
+    """Percentage of each conv/linear weight tensor updated per step at ``epoch`` (forward order, chosen blocks).
+
+    ``layer_stats.jsonl`` has rows for trainable tensors only, so the layers a U-spec run froze are 0%.
+    """
+    frame = stats_at(run.stats, epoch)
+    frame = frame[frame["shape"].map(len) > 1]
+    updated = 100 * frame.set_index("param")["updated_fraction"]
+    if run.frozen:
+        layers = weight_layers(run.config["model"], float(run.config["width"]))
+        updated = updated.reindex([name for name, _ in layers], fill_value=0.0)
+        part = dict(layers)
+    else:
+        part = dict(zip(frame["param"], frame["block"]))
+    return updated[[part[name] in blocks for name in updated.index]] if blocks else updated
+
+
 # --------------------------------------------------------------------------------------
-# panels: each returns PNG bytes
+# panels: each draws into the figure it is given
 # --------------------------------------------------------------------------------------
 
 
-def _png(fig) -> bytes:
-    """The figure as PNG bytes (and closed)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+def _axes(fig: Figure, ncols: int, width: float, height: float) -> np.ndarray:
+    """Clear ``fig`` and give it a styled row of ``ncols`` axes, each ``width`` x ``height`` inches."""
+    apply_style()
+    fig.clear()
+    fig.set_size_inches(width * ncols, height)
+    return fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _message(text: str, title: str) -> bytes:
-    """A small figure that says why a panel is empty."""
-    fig, axes = new_figure(width=5.0, height=3.4)
-    ax = axes[0, 0]
+def _message(fig: Figure, text: str, title: str) -> None:
+    """Say in ``fig`` why a panel is empty."""
+    ax = _axes(fig, 1, width=5.0, height=3.4)[0]
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
-    return _png(fig)
 
 
-def render_curves(selected: Sequence[RunFiles], mode: str, epoch: int) -> bytes:
+def render_curves(fig: Figure, selected: Sequence[RunFiles], mode: str, epoch: int) -> None:
     """Test (solid) and validation (dashed) accuracy of each run per epoch, the chosen epoch marked."""
     if not selected:
-        return _message("select one or more runs", "accuracy")
+        return _message(fig, "select one or more runs", "accuracy")
     test_key, _ = MODES[mode]
     df = curves_of({run.label: run.metrics for run in selected})
-    fig, axes = new_figure(width=5.6, height=3.6)
-    ax = axes[0, 0]
+    ax = _axes(fig, 1, width=5.6, height=3.6)[0]
     draw_curves(df, ax, "test", test_key, {run.label: f"C{i % 10}" for i, run in enumerate(selected)},
                 with_val=True)
     ax.axvline(epoch, color="0.3", linewidth=1, linestyle=":")
     ax.set(xlabel="epoch", ylabel=f"{mode} accuracy (%)", title=f"{mode} accuracy (solid test, dashed val)")
     ax.legend(fontsize="x-small")
-    return _png(fig)
 
 
 def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
@@ -197,25 +245,23 @@ def summary_table(selected: Sequence[RunFiles], mode: str, epoch: int) -> str:
         body.append(f"<tr><td>{html.escape(run.label)}</td><td>{html.escape(run.method)}</td>"
                     f"<td>{html.escape(str(run.config.get('update') or 'all'))}</td>"
                     f"<td>{row.get('epoch', '–')}</td>{''.join(cells)}</tr>")
-    return (f"<table class='layerlab-summary' style='border-collapse:collapse'>{head}{''.join(body)}</table>")
+    return f"{TABLE_CSS}<table class='layerlab-summary'>{head}{''.join(body)}</table>"
 
 
-def render_cka(run: RunFiles | None, blocks: Sequence[str]) -> bytes:
+def render_cka(fig: Figure, run: RunFiles | None, blocks: Sequence[str]) -> None:
     """The run's CKA matrix (rows natural, columns adversarial inputs) over the chosen blocks."""
     if run is None:
-        return _message("select a focus run", "CKA")
+        return _message(fig, "select a focus run", "CKA")
     if run.cka is None:
-        return _message(f"no cka.json in {run.label}\n(layerlab cka --run {run.path})", f"CKA: {run.label}")
+        return _message(fig, f"no cka.json in {run.label}\n(layerlab cka --run {run.path})", f"CKA: {run.label}")
     data = run.cka
     rows, cols, matrix = cka_view(data, blocks)
     if not matrix.size:
-        return _message("none of the chosen blocks is in cka.json", f"CKA: {run.label}")
-    fig, axes = new_figure(width=4.8, height=4.0)
-    ax = axes[0, 0]
+        return _message(fig, "none of the chosen blocks is in cka.json", f"CKA: {run.label}")
+    ax = _axes(fig, 1, width=4.8, height=4.0)[0]
     draw_cka(ax, rows, cols, matrix, annot=len(matrix) <= 8)
     ax.set(title=f"CKA {data.get('mode', '')}: {run.label} (n={data.get('n')})",
            xlabel=data.get("col_label", "columns"), ylabel=data.get("row_label", "rows"))
-    return _png(fig)
 
 
 def stats_at(stats, epoch: int):
@@ -242,27 +288,24 @@ def block_gradients_at(stats, epoch: int, blocks: Sequence[str] = ()) -> dict[st
     return out
 
 
-def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> bytes:
+def render_grads(fig: Figure, selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int) -> None:
     """Mean |gradient| per block and % of conv/linear weights updated per layer at ``epoch``, per run."""
     with_stats = [run for run in selected if run.stats is not None]
     if not with_stats:
-        return _message("no layer_stats.jsonl in the selected runs", "gradients and masks")
-    fig, axes = new_figure(ncols=2, width=4.6, height=3.6)
-    ax_g, ax_u = axes[0]
+        return _message(fig, "no layer_stats.jsonl in the selected runs", "gradients and masks")
+    ax_g, ax_u = _axes(fig, 2, width=4.6, height=3.6)
     grads = {run.label: block_gradients_at(run.stats, epoch, blocks) for run in with_stats}
     shown = list(dict.fromkeys(b for g in grads.values() for b in g))
-    frames = {run.label: stats_at(run.stats, epoch) for run in with_stats}
-    frames = {k: f[(f["shape"].map(len) > 1) & (f["block"].isin(shown))] for k, f in frames.items()}
-    position = {p: i for i, p in enumerate(dict.fromkeys(p for f in frames.values() for p in f["param"]))}
+    updated = {run.label: updated_percent(run, epoch, blocks) for run in with_stats}
+    position = {p: i for i, p in enumerate(dict.fromkeys(p for u in updated.values() for p in u.index))}
     width = 0.8 / len(with_stats)
     for i, run in enumerate(with_stats):
         values = [grads[run.label].get(b, np.nan) for b in shown]
         ax_g.bar(np.arange(len(shown)) + (i - (len(with_stats) - 1) / 2) * width, values, width=width,
                  label=run.label, color=f"C{i % 10}")
-        layers = frames[run.label]  # frozen layers of a U-spec run have no row: they are left out
-        ax_u.plot(layers["param"].map(position).to_numpy(), 100 * layers["updated_fraction"].to_numpy(),
-                  marker="o", markersize=3, linestyle="none" if len(layers) < 2 else "-", label=run.label,
-                  color=f"C{i % 10}")
+        layers = updated[run.label]
+        ax_u.plot(layers.index.map(position).to_numpy(), layers.to_numpy(), marker="o", markersize=3,
+                  linestyle="none" if len(layers) < 2 else "-", label=run.label, color=f"C{i % 10}")
     ax_g.set_xticks(np.arange(len(shown)))
     ax_g.set_xticklabels(shown, rotation=45, ha="right")
     ax_g.set_yscale("log")
@@ -270,7 +313,6 @@ def render_grads(selected: Sequence[RunFiles], blocks: Sequence[str], epoch: int
     ax_g.legend(fontsize="x-small")
     ax_u.set(xlabel="layer (conv/linear weights, forward order)", ylabel="weights updated per step (%)",
              ylim=(0, 105), title="updated (100 - masked) per layer")
-    return _png(fig)
 
 
 def nearest_checkpoint(lsc, epoch: int) -> str:
@@ -280,16 +322,15 @@ def nearest_checkpoint(lsc, epoch: int) -> str:
     return str(cks.iloc[0]["checkpoint"])
 
 
-def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
+def render_lsc(fig: Figure, run: RunFiles | None, epoch: int) -> None:
     """LSC landscapes of the checkpoint nearest ``epoch`` and the removal rate over training (marked)."""
     if run is None:
-        return _message("select a focus run", "LSC")
+        return _message(fig, "select a focus run", "LSC")
     if run.lsc is None:
-        return _message(f"no lsc.csv in {run.label}\n(layerlab lsc --run {run.path})", f"LSC: {run.label}")
+        return _message(fig, f"no lsc.csv in {run.label}\n(layerlab lsc --run {run.path})", f"LSC: {run.label}")
     chosen = nearest_checkpoint(run.lsc, epoch)
     part = run.lsc[run.lsc["checkpoint"] == chosen]
-    fig, axes = new_figure(ncols=2, width=4.4, height=3.6)
-    ax_l, ax_r = axes[0]
+    ax_l, ax_r = _axes(fig, 2, width=4.4, height=3.6)
     draw_lsc_landscape(part, ax_l, f"{run.label}: {chosen}")
     if run.removal is not None:
         rem = run.removal.sort_values("epoch")
@@ -299,7 +340,6 @@ def render_lsc(run: RunFiles | None, epoch: int) -> bytes:
         ax_r.set_title("removal rate")
     else:
         ax_r.axis("off")
-    return _png(fig)
 
 
 # --------------------------------------------------------------------------------------
@@ -355,8 +395,31 @@ def _progress_callback(bar: widgets.IntProgress, label: widgets.HTML):
 # --------------------------------------------------------------------------------------
 
 
-def _image() -> widgets.Image:
-    return widgets.Image(format="png", layout=widgets.Layout(width="50%", object_fit="contain"))
+class FigurePanel(widgets.Box):
+    """One figure of the app in an ipympl canvas: zoom and pan from its toolbar (shown while the mouse is over
+    the figure), the data under the cursor below it. :attr:`png` is the figure as PNG bytes (snapshots, tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_class(FIGURE_CLASS)
+        self.figure = Figure(dpi=PANEL_DPI)
+        self.canvas = Canvas(self.figure)
+        self.canvas.header_visible = False
+        FigureManager(self.canvas, 0)  # gives the canvas its toolbar
+        self.children = (self.canvas,)
+
+    def draw(self, render: Callable[..., None], *args: Any) -> None:
+        """Redraw the figure with ``render(figure, *args)``; zoom and pan start afresh."""
+        render(self.figure, *args)
+        self.figure.tight_layout()  # the canvas shows the whole figure: keep the labels inside it
+        self.canvas.toolbar.update()
+        self.canvas.draw_idle()
+
+    @property
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=PANEL_DPI, bbox_inches="tight")
+        return buf.getvalue()
 
 
 class Explorer(widgets.VBox):
@@ -384,7 +447,7 @@ class Explorer(widgets.VBox):
         self.rescan_button = widgets.Button(description="rescan runs", icon="refresh")
         self.status = widgets.HTML()
 
-        self.curves_image, self.cka_image, self.grads_image, self.lsc_image = _image(), _image(), _image(), _image()
+        self.curves_panel, self.cka_panel, self.grads_panel, self.lsc_panel = (FigurePanel() for _ in range(4))
         self.table = widgets.HTML()
 
         self.whatif_base = widgets.Dropdown(description="start from")
@@ -395,11 +458,12 @@ class Explorer(widgets.VBox):
         self.whatif_progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
         self.whatif_log = widgets.HTML("freeze every block but the chosen ones and train them adversarially")
 
-        controls = widgets.HBox([self.run_select, self.block_select,
+        self.hint = widgets.HTML(f"<small>{html.escape(SELECT_HINT)}</small>")
+        controls = widgets.HBox([widgets.VBox([widgets.HBox([self.run_select, self.block_select]), self.hint]),
                                  widgets.VBox([widgets.HBox([self.play, self.epoch]), self.mode, self.focus,
                                                self.rescan_button, self.status])])
-        panels = widgets.VBox([widgets.HBox([self.curves_image, self.cka_image]),
-                               widgets.HBox([self.grads_image, self.lsc_image])])
+        panels = widgets.Box([self.curves_panel, self.cka_panel, self.grads_panel, self.lsc_panel],
+                             layout=widgets.Layout(flex_flow="row wrap"))  # as many side by side as fit
         whatif = widgets.VBox([widgets.HBox([self.whatif_base, self.whatif_blocks]),
                                widgets.HBox([self.whatif_reinit, self.whatif_epochs]),
                                widgets.HBox([self.whatif_button, self.whatif_progress]), self.whatif_log])
@@ -527,17 +591,17 @@ class Explorer(widgets.VBox):
 
     def update_curves(self) -> None:
         chosen = self.selected()
-        self.curves_image.value = render_curves(chosen, self.mode.value, self.epoch.value)
+        self.curves_panel.draw(render_curves, chosen, self.mode.value, self.epoch.value)
         self.table.value = summary_table(chosen, self.mode.value, self.epoch.value)
 
     def update_cka(self) -> None:
-        self.cka_image.value = render_cka(self.focus_run(), self.block_select.value)
+        self.cka_panel.draw(render_cka, self.focus_run(), self.block_select.value)
 
     def update_grads(self) -> None:
-        self.grads_image.value = render_grads(self.selected(), self.block_select.value, self.epoch.value)
+        self.grads_panel.draw(render_grads, self.selected(), self.block_select.value, self.epoch.value)
 
     def update_lsc(self) -> None:
-        self.lsc_image.value = render_lsc(self.focus_run(), self.epoch.value)
+        self.lsc_panel.draw(render_lsc, self.focus_run(), self.epoch.value)
 
     def redraw(self) -> None:
         """Redraw every panel."""
@@ -551,10 +615,10 @@ class Explorer(widgets.VBox):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        for name, image in (("curves", self.curves_image), ("cka", self.cka_image), ("grads", self.grads_image),
-                            ("lsc", self.lsc_image)):
+        for name, panel in (("curves", self.curves_panel), ("cka", self.cka_panel), ("grads", self.grads_panel),
+                            ("lsc", self.lsc_panel)):
             paths[name] = out / f"explorer_{name}.png"
-            paths[name].write_bytes(image.value)
+            paths[name].write_bytes(panel.png)
         paths["table"] = out / "explorer_table.html"
         paths["table"].write_text(self.table.value)
         return paths
@@ -621,22 +685,36 @@ def explore(run_root: str | Path = "runs/reproduce", **kwargs: Any) -> Explorer:
 
 
 def app_notebook(run_root: str | Path, path: str | Path) -> Path:
-    """Write a one-cell notebook that shows the explorer of ``run_root`` (what ``layerlab explore`` serves)."""
+    """Write the notebook that ``layerlab explore`` serves: a loading message (plain markdown, shown at once
+    under progressive rendering and hidden by CSS once the app is on the page), then the explorer of ``run_root``."""
     import nbformat
 
+    root = str(Path(run_root).resolve())
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(f"import layerlab\nlayerlab.explore({str(Path(run_root).resolve())!r})")]
+    loading = (f"<style>body:has(.{APP_CLASS}) .layerlab-loading {{display: none}}</style>\n"
+               f"<p class='layerlab-loading'>Loading the layerlab explorer of <code>{html.escape(root)}</code>: "
+               "starting Python and reading the runs takes a few seconds ...</p>")
+    nb.cells = [nbformat.v4.new_markdown_cell(loading),
+                nbformat.v4.new_code_cell(f"import layerlab\nlayerlab.explore({root!r})")]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
 
 
-def voila_command(notebook: str | Path, port: int = 8866, open_browser: bool = False) -> list[str]:
-    """The Voilà command line that serves ``notebook`` on localhost:``port``."""
+def voila_command(notebook: str | Path, port: int = 8866, open_browser: bool = False,
+                  cull_idle: int = KERNEL_CULL_IDLE, cull_interval: int = KERNEL_CULL_INTERVAL) -> list[str]:
+    """The Voilà command line that serves ``notebook`` on localhost:``port``.
+
+    Cells render as they finish (progressive rendering), so the loading message shows before the kernel has
+    imported anything; a kernel whose page is gone (closed tab, killed browser) is shut down once it has been
+    idle ``cull_idle`` seconds, checked every ``cull_interval`` seconds.
+    """
     cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={port}", "--Voila.ip=127.0.0.1",
-           "--theme=light"]
+           "--theme=light", "--VoilaConfiguration.progressive_rendering=True",
+           f"--MappingKernelManager.cull_idle_timeout={cull_idle}",
+           f"--MappingKernelManager.cull_interval={cull_interval}"]
     if not open_browser:
         cmd.append("--no-browser")
     return cmd

@@ -6,9 +6,10 @@ receives the ``metrics.jsonl`` row and the per-block gradient / updated-entry st
 
 * ``metrics/KEY`` for every number of the row (``metrics/natural_acc``, ``metrics/robust_acc``,
   ``metrics/train_loss``, ``metrics/lr``, ``metrics/seconds``, ...);
-* ``grad_mean_abs/BLOCK`` and ``updated_fraction/BLOCK`` for every trainable block (``stem``, ``block1``, ...,
-  ``head``): the mean |gradient| the optimizer saw (after any mask, e.g. CURE's) and the fraction of the block's
-  entries its steps changed (:func:`layerlab.analysis.layer_stats.block_summary`);
+* ``grad_mean_abs/BLOCK``, ``updated_fraction/BLOCK`` and ``updated_once_fraction/BLOCK`` for every trainable
+  block (``stem``, ``block1``, ..., ``head``): the mean |gradient| the optimizer saw (after any mask, e.g.
+  CURE's), the fraction of the block's entries a step changed (averaged over the epoch's steps) and the fraction
+  changed at least once in the epoch (:func:`layerlab.analysis.layer_stats.block_summary`);
 
 and at the end of training ``final/KEY`` and ``best/KEY`` (test accuracies of the last and the best model).
 

@@ -60,7 +60,7 @@ MODEL_NAMES: tuple[str, ...] = (
 
 _WRN_PATTERN = re.compile(r"^wrn-?(\d+)-(\d+)$")
 _PART_PATTERN = re.compile(r"^(stem|head|block\d+)(?:\.|$)")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile
 
 
 # ---------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def block_of_param(name: str) -> str:
     changed = True
     while changed:
         changed = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in WRAPPER_PREFIXES:
             if stripped.startswith(prefix):
                 stripped, changed = stripped[len(prefix) :], True
     match = _PART_PATTERN.match(stripped)

@@ -2,19 +2,26 @@
 
 A long gallery is made over several sessions whose run roots may not survive. :func:`export_records` copies
 each finished run's tidy files (``config.json``, ``summary.json``, ``metrics.jsonl``, ``layer_stats.jsonl``,
-``eval.json``, ``cka.json``, CSVs; never checkpoints) to a records directory; :func:`restore_records` lays
-them back into an empty run root, marked with ``record.json``, so that :mod:`layerlab.gallery` re-uses the
-run and every analysis already computed on it instead of retraining. When a later step needs the weights
-(an analysis not computed yet, or a run that starts from this one), :func:`materialize` retrains the run
-from its own config and checks that it reproduces the recorded summary; recorded analyses are kept only
-when it does.
+``eval.json``, ``cka.json``, CSVs, the multi-run analyses' ``.npz`` arrays; never checkpoints) to a records
+directory; :func:`restore_records` lays them back into an empty run root, marked with ``record.json``, so that
+:mod:`layerlab.gallery` re-uses the run and every analysis already computed on it instead of retraining. When a
+later step needs the weights (an analysis not computed yet, or a run that starts from this one),
+:func:`materialize` retrains the run from its own config and checks that it reproduces the recorded summary;
+recorded analyses are kept only when it does. Inside :func:`records_only` nothing is retrained: what the
+records lack is an error.
+
+A records directory is the store the figures are drawn from: :func:`record_hash` is the content hash a figure
+group's manifest keeps of each record file it read, so a record re-made later is told apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from layerlab import runs
 from layerlab.config import TrainConfig
@@ -23,13 +30,57 @@ from layerlab.train import train
 MARKER = "record.json"  # in a restored run directory: it holds results, not checkpoints
 ASIDE = ".record"  # RUN.record/: where a record waits while its run is retrained
 ANALYSIS = "analysis"  # the run root's folder of multi-run results (minimum perturbation, attributions)
-COPIED_SUFFIXES = (".json", ".jsonl", ".csv")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")  # their run-root paths are rewritten (ROOT_TOKEN)
+COPIED_SUFFIXES = (*TEXT_SUFFIXES, ".npz")  # .npz: the arrays the minimum-perturbation and attribution figures draw
 MAX_COPY_BYTES = 2_000_000  # larger result files stay in the run directory
 TRAINING_FILES = ("config.json", "summary.json", "metrics.jsonl", "layer_stats.jsonl")
 COMPARED = ("natural_acc", "robust_acc", "best_epoch")  # what a retrained run must reproduce
 
 
 ROOT_TOKEN = "RUN_ROOT"  # stands for the run root's absolute path in exported files
+_RETRAINING = contextvars.ContextVar("retraining", default=True)  # False inside records_only()
+
+
+class NotRecorded(RuntimeError):
+    """Drawing from records alone needs a result (or a run) the records do not hold."""
+
+
+@contextlib.contextmanager
+def records_only() -> Iterator[None]:
+    """Within this block nothing is trained: :func:`materialize` and :func:`require_training` raise
+    :class:`NotRecorded` instead (drawing figures from a records directory alone)."""
+    token = _RETRAINING.set(False)
+    try:
+        yield
+    finally:
+        _RETRAINING.reset(token)
+
+
+def require_training(what: str) -> None:
+    """Raise :class:`NotRecorded` for ``what`` (a run to train) inside :func:`records_only`."""
+    if not _RETRAINING.get():
+        raise NotRecorded(f"{what} is not in the records, and drawing from records trains nothing; "
+                          f"re-make the figure group with training (layerlab reproduce --records ...)")
+
+
+def is_result_file(path: Path) -> bool:
+    """Whether ``path`` is a result file records keep (small JSON/JSONL/CSV/NPZ, not the record marker)."""
+    return (path.is_file() and path.suffix in COPIED_SUFFIXES and path.name != MARKER
+            and path.stat().st_size <= MAX_COPY_BYTES)
+
+
+def record_bytes(path: Path, replace: tuple[str, str] | None = None) -> bytes:
+    """A result file's bytes as a record holds them: ``replace=(old, new)`` rewrites every occurrence of ``old``
+    in a text file (a run root's path and :data:`ROOT_TOKEN`, one way or the other)."""
+    data = Path(path).read_bytes()
+    if replace is None or Path(path).suffix not in TEXT_SUFFIXES:
+        return data
+    return data.replace(replace[0].encode(), replace[1].encode())
+
+
+def record_hash(data: bytes) -> str:
+    """The content hash of a record file's bytes (sha256, hex)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def copy_results(run_dir: Path, dest: Path, replace: tuple[str, str] | None = None) -> list[str]:
@@ -37,12 +88,9 @@ def copy_results(run_dir: Path, dest: Path, replace: tuple[str, str] | None = No
     ``replace=(old, new)`` rewrites every occurrence of ``old`` in the copied text (a run root's path)."""
     copied = []
     for path in sorted(Path(run_dir).iterdir()):
-        if (path.is_file() and path.suffix in COPIED_SUFFIXES and path.name != MARKER
-                and path.stat().st_size <= MAX_COPY_BYTES):
+        if is_result_file(path):
             dest.mkdir(parents=True, exist_ok=True)
-            data = path.read_bytes()
-            if replace is not None:
-                data = data.replace(replace[0].encode(), replace[1].encode())
+            data = record_bytes(path, replace)
             target = dest / path.name
             if not target.exists() or target.read_bytes() != data:
                 target.write_bytes(data)
@@ -78,14 +126,15 @@ def export_records(run_root: str | Path, dest: str | Path) -> list[str]:
     return names
 
 
-def restore_records(src: str | Path, run_root: str | Path) -> list[str]:
-    """Lay the records in ``src`` into ``run_root`` where the run is absent (a run directory that exists,
-    finished or interrupted, is never touched). Returns the restored run names."""
+def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] | None = None) -> list[str]:
+    """Lay the records in ``src`` (only the runs ``names``, when given) into ``run_root`` where the run is absent
+    (a run directory that exists, finished or interrupted, is never touched). Returns the restored run names."""
     src, run_root = Path(src), Path(run_root)
     if not src.is_dir():
         return []
+    wanted = None if names is None else set(names)
     restored = []
-    for rec in sorted(p for p in src.iterdir() if p.is_dir()):
+    for rec in sorted(p for p in src.iterdir() if p.is_dir() and (wanted is None or p.name in wanted)):
         target = run_root / rec.name
         if rec.name == ANALYSIS:
             if not target.exists():
@@ -125,6 +174,7 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
     run_dir = Path(run_dir)
     if not is_record(run_dir):
         return {}
+    require_training(f"a result of {run_dir.name} (computing it needs the run's weights)")
     # one process retrains a record (others get RunDirBusyError); the record is checked again under the lock
     with runs.run_lock(run_dir.with_name(run_dir.name + ASIDE)):
         return _materialize(run_dir, progress=progress, log=log) if is_record(run_dir) else {}

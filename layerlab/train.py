@@ -386,8 +386,8 @@ def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, 
     """Evaluate, append the metrics row, save best/last checkpoints, run the callbacks; returns
     (row, best score, best epoch)."""
     cfg = s.cfg
-    row = {"epoch": epoch + 1, "lr": lr, **stats, **_eval_epoch(s, epoch, progress), "seconds": seconds,
-           "eval_seconds": time.time() - t0 - seconds}
+    row = {"epoch": epoch + 1, "lr": lr, **stats, **s.method.epoch_stats(), **_eval_epoch(s, epoch, progress),
+           "seconds": seconds, "eval_seconds": time.time() - t0 - seconds}
     score = _selection_score(cfg, row)
     meta = _meta(cfg, s, epoch + 1)
     # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.

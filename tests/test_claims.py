@@ -116,3 +116,11 @@ def test_rewriting_the_gallery_readme_keeps_the_claims_section(tmp_path) -> None
     update_readme(readme, section)
     text = write_readme(tmp_path).read_text()
     assert section in text and "old body" not in text
+
+
+def test_every_claim_reads_groups_that_an_experiment_trains() -> None:
+    from layerlab.experiments import EXPERIMENTS, group_of
+
+    groups = {group_of(s.name) for exp in EXPERIMENTS.values() for s in exp.specs}
+    for claim in CLAIMS:
+        assert set(claim.groups) <= groups, (claim.key, set(claim.groups) - groups)

@@ -183,7 +183,8 @@ def test_corruptions_cli_writes_csv_and_plot(tmp_path):
                                       "--types", "noise,contrast", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     df = pd.read_csv(run / "corruptions.csv")
-    assert list(df.columns) == ["type", "group", "severity", "accuracy", "n"]
+    assert list(df.columns) == ["type", "group", "severity", "accuracy", "n", "source"]
+    assert (df["source"] == "generated").all()
     assert len(df) == 1 + 4 * 2 and (df["n"] == 16).all() and df["accuracy"].between(0, 100).all()
     assert set(df["group"]) == {"clean", "noise", "digital"}
     model, _, splits = load_run(run, device="cpu")

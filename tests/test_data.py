@@ -103,7 +103,7 @@ def test_val_is_disjoint_by_index_on_unique_data(monkeypatch):
     full = _toy(n=203, num_classes=5)
     full.images[:, 0, 0, :4] = torch.arange(203).unsqueeze(1).repeat(1, 4).to(torch.uint8)  # tag
     test = _toy(n=50, num_classes=5)
-    train, val, test_sub = D._select_subsets(full, test, 100, 20, 60, seed=3)
+    train, val, _ = D._select_subsets(full, test, 100, 20, 60, seed=3)
     tags = lambda s: set(s.images[:, 0, 0, 0].tolist())  # noqa: E731
     assert len(tags(train)) == 100 and len(tags(val)) == 60 and tags(train).isdisjoint(tags(val))
     # train subset does not move when val_size changes (val comes from the other end)
@@ -112,6 +112,17 @@ def test_val_is_disjoint_by_index_on_unique_data(monkeypatch):
     # None train_size = everything not in val
     train3, val3, _ = D._select_subsets(full, test, None, None, 60, seed=3)
     assert len(train3) == 143 and tags(train3).isdisjoint(tags(val3))
+
+
+@pytest.mark.parametrize("test_size", [None, 40])
+def test_test_index_places_each_test_image_in_the_stored_test_split(test_size):
+    from layerlab import data as D
+
+    full, splits = D._load_digits()[1], load_splits("digits", test_size=test_size, seed=5)
+    assert torch.equal(splits.stored_test_labels, full.labels)
+    assert len(splits.test_index) == len(splits.test) == (test_size or len(full))
+    assert torch.equal(full.images[splits.test_index], splits.test.images)
+    assert torch.equal(splits.stored_test_labels[splits.test_index], splits.test.labels)
 
 
 def test_unbalanced_classes_water_fill():

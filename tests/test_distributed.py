@@ -44,6 +44,7 @@ TASKS = {
     "at": ("at", {}, 1),
     "cure": ("cure", {"r": 0.9, "d": 0.5}, 2),
     "rwp": ("rwp", {"c_min": 2.45, "steps": 3}, 1),
+    "at-remove": ("at-remove", {"c_min": 2.3}, 1),  # the kept count is the global batch's
 }
 STEPS = 64 // 16  # per epoch
 
@@ -270,6 +271,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(ddp_results, one_
     if name == "rwp":  # the test exercises partial qualification and several ascent steps
         qualified = [d["wp"]["qualified"] for d in ddp]
         assert any(0 < q < 16 for q in qualified) and any(d["wp"]["steps"] > 1 for d in ddp)
+    if name == "at-remove":  # some examples removed, counted over the global batches
+        out = ddp_results[0] / "runs" / name / "metrics.jsonl"
+        [got], [want] = runs.read_jsonl(out), runs.read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert 0 < got["removal_rate"] < 1 and (got["removal_rate"], got["removed"]) == (want["removal_rate"],
+                                                                                       want["removed"])
 
 
 def test_metrics_are_those_of_the_global_batches(ddp_results, one_process_like_ranks, digits_splits, tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pandas as pd
 import pytest
 
 from layerlab import experiments as ex
 from layerlab import runs
+from layerlab.methods import Method, build_method
 from layerlab.records import export_records, restore_records
 
 
@@ -25,6 +28,41 @@ def test_every_experiment_names_each_run_once_and_starts_from_runs_it_has() -> N
         assert all(s.init is None or s.init in names[: names.index(s.name)] for s in exp.specs), exp.name
     with pytest.raises(ValueError, match="unknown experiment"):
         ex.experiment("nope")
+
+
+def test_a_run_name_means_one_config_in_every_experiment_and_every_config_builds(tmp_path) -> None:
+    seen: dict[str, ex.RunSpec] = {}
+    for exp in ex.EXPERIMENTS.values():
+        for spec in exp.specs:
+            assert seen.setdefault(spec.name, spec) == spec, f"{spec.name} differs in {exp.name}"
+            cfg = spec.config(ex.base_config(exp.profile), tmp_path).validate()
+            build_method(cfg.method, cfg.method_args)
+
+
+def _groups(name: str) -> dict[str, Method]:
+    """Seed 0's method of every group of experiment ``name``."""
+    return {s.name: build_method(s.changes["method"], s.changes.get("method_args", {}))
+            for s in ex.experiment(name).specs if s.changes.get("seed") == 0}
+
+
+def test_the_awp_sweeps_cover_zero_to_eight_gamma0_and_the_loss_ranges_tile_every_loss() -> None:
+    gammas = sorted(m.components[0].gamma if m.components else 0.0 for m in _groups("awp-gamma").values())
+    assert gammas == pytest.approx([0.0, 0.5 * ex.AWP_GAMMA0, ex.AWP_GAMMA0, 2 * ex.AWP_GAMMA0, 4 * ex.AWP_GAMMA0,
+                                    8 * ex.AWP_GAMMA0])
+    ranged = [m.components[0] for n, m in _groups("awp-loss-ranges").items() if n.startswith("AWP-loss")]
+    bounds = sorted((c.c_low or 0.0, c.c_min if c.c_min is not None else math.inf) for c in ranged)
+    assert bounds[0][0] == 0.0 and bounds[-1][1] == math.inf
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no overlap
+    assert {c.gamma for c in ranged} == {ex.AWP_DEFAULT_GAMMA}
+
+
+def test_the_cure_grid_changes_one_hyper_parameter_at_a_time() -> None:
+    groups = _groups("cure-grid")
+    centre = groups.pop("CURE").hparams()
+    assert len(groups) == sum(len(v) for v in ex.CURE_GRID.values())
+    for name, method in groups.items():
+        changed = {k for k, v in method.hparams().items() if centre[k] != v}
+        assert len(changed) == 1, (name, changed)
 
 
 @pytest.fixture
@@ -87,3 +125,45 @@ def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_
     monkeypatch.setattr(ex, "EVAL_ATTACKS", ("natural", "pgd3", "cw3", "fgsm"))  # a new attack: only it runs
     assert ex.evaluate_experiment("tiny", root, only=["AT-fromST"], log=lambda _: None) == ["AT-fromST:last"]
     assert set(runs.read_json(run / "eval-last.json")["results"]) == {"natural", "pgd3", "cw3", "fgsm"}
+
+
+def test_figures_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch, tiny_cfg) -> None:
+    exp = ex.Experiment("lsc-removal", "test", "smoke", tuple(ex.seed_major(
+        [ex.seeded("AT", seeds=(0, 1), method="at"),
+         ex.seeded("AT-remove", seeds=(0, 1), method="at-remove", method_args={"c_min": 1.0})])))
+    monkeypatch.setitem(ex.EXPERIMENTS, "lsc-removal", exp)
+    monkeypatch.setattr(ex, "base_config", lambda profile: tiny_cfg(epochs=2))
+    root = tmp_path / "root"
+    ex.run_experiment("lsc-removal", root, log=lambda _: None)
+    paths = ex.write_figures("lsc-removal", root, tmp_path / "out")
+    assert {p.name for p in paths} == {"lsc-removal-runs.csv", "lsc-removal.csv", "lsc-removal-curves.csv",
+                                       "rwp_appendix_removal_curves.png", "rwp_appendix_removal_best_last.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    curves = pd.read_csv(tmp_path / "out" / "lsc-removal-curves.csv")
+    assert len(curves) == 4 * 2 and set(curves["seed"]) == {0, 1}
+    removal = curves.groupby("group")["removal_rate"].apply(lambda s: s.notna().all())
+    assert removal["AT-remove"] and not curves.loc[curves["group"] == "AT", "removal_rate"].notna().any()
+    table = pd.read_csv(tmp_path / "out" / "lsc-removal.csv")
+    assert set(table["n_seeds"]) == {2}
+    with pytest.raises(ValueError, match="draws no figures"):
+        ex.write_figures("overfit-pilot", root, tmp_path / "out")
+    with pytest.raises(ValueError, match="no finished run"):
+        ex.write_figures("lsc-removal", tmp_path / "empty", tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_the_awp_gamma_figure_puts_each_group_at_its_gamma(tmp_path, monkeypatch) -> None:
+    groups = list(_groups("awp-gamma"))
+    table = pd.DataFrame({"group": groups, "n_seeds": 3, "best_robust_mean": range(len(groups)),
+                          "best_robust_std": 0.5})
+    drawn = {}
+    original = ex.plot_sweep
+
+    def spy(frame, x, metrics, path, **kw):
+        drawn.update(zip(frame["group"], frame[x]))
+        return original(frame, x, metrics, path, **kw)
+
+    monkeypatch.setattr(ex, "plot_sweep", spy)
+    [png] = ex.FIGURES["awp-gamma"](table, pd.DataFrame(), tmp_path)
+    assert png.exists() and drawn == {"AT": 0.0, "AWP-g0.0025": 0.5, "AWP-g0.005": 1.0, "AWP": 2.0, "AWP-g0.02": 4.0,
+                                      "AWP-g0.04": 8.0}

@@ -69,7 +69,8 @@ def device_path(monkeypatch):
 # (the default 1.7 on a random model), some qualify and the selection shrinks, all qualify (inf).
 METHODS = {"at": ("at", {}), "cure": ("cure", {"r": 0.5, "r_decay": "none"}), "awp": ("awp", {}),
            "rwp": ("rwp", {}), "rwp-some": ("rwp", {"c_min": 2.3, "steps": 4}),
-           "rwp-all": ("rwp", {"c_min": math.inf, "steps": 3})}
+           "rwp-all": ("rwp", {"c_min": math.inf, "steps": 3}), "awp-range": ("awp", {"loss_lo": 2.0, "loss_hi": 2.4}),
+           "at-remove": ("at-remove", {"c_min": 2.3})}
 
 
 def _steps(name: str, steps: int, monkeypatch, reads: bool = True):

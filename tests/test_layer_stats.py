@@ -133,20 +133,54 @@ def test_masked_entries_are_not_counted_as_updated(tmp_path, zero_grad):
                 assert bool((p.grad[mask.masks[n]] == 0).all())
 
     moved = {n: 0 for n, _ in model.named_parameters()}  # entries that changed, counted independently
+    ever = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
     for step in range(2):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         run_steps(model, method, optimizer, cb, steps=1, record=record, first_step=step)
         for n, p in model.named_parameters():
             assert bool((p.detach()[mask.masks[n]] == before[n][mask.masks[n]]).all())  # masked: kept
             moved[n] += int((p.detach() != before[n]).sum())
+            ever[n] |= p.detach() != before[n]
     rows = {r["param"]: r for r in cb.epoch_stats(1)}
     for name, p in model.named_parameters():
         assert rows[name]["steps"] == 2
         assert rows[name]["grad_mean_abs"] == pytest.approx(abs_sum[name] / (2 * p.numel()), rel=1e-5)
         assert rows[name]["updated_fraction"] == pytest.approx(moved[name] / (2 * p.numel()), abs=1e-12)
+        assert rows[name]["updated_once_fraction"] == pytest.approx(ever[name].double().mean().item(), abs=1e-12)
+        # the same entries are kept every step: at least once is no more than every step
+        assert rows[name]["updated_once_fraction"] <= 1 - mask.masks[name].double().mean().item() + 1e-12
         if p.dim() > 1:  # weight decay moves nearly every unmasked entry (an update below one ulp may not)
             unmasked = 1 - mask.masks[name].double().mean().item()
             assert unmasked - 1e-3 <= rows[name]["updated_fraction"] <= unmasked + 1e-12
+
+
+class MovingMask(RestoreMask):
+    """A restore mask drawn afresh every step: each step keeps the same share of entries, but other ones."""
+
+    name = "moving-mask"
+
+    def after_backward(self, model, ctx):
+        g = torch.Generator().manual_seed(100 + ctx.step)
+        self.masks = {n: torch.rand(p.shape, generator=g) < self.fraction for n, p in model.named_parameters()}
+        super().after_backward(model, ctx)
+
+
+def test_updated_at_least_once_tells_a_moving_mask_from_a_fixed_one(tmp_path):
+    """Both masks keep 30% of the entries per step; over 4 steps the fixed one leaves those 30% untouched while
+    the moving one leaves about 0.3^4 of them (the per-step share cannot tell them apart)."""
+    once = {}
+    for mask in (RestoreMask(0.3), MovingMask(0.3)):
+        model = tiny_model(4)
+        method = Method(mask.name, Natural(), [mask])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        cb = start(model, method, tmp_path)
+        run_steps(model, method, optimizer, cb, steps=4)
+        rows = [r for r in cb.epoch_stats(1) if len(r["shape"]) > 1]
+        per_step = sum(r["updated_fraction"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows)
+        assert per_step == pytest.approx(0.7, abs=0.02)
+        once[mask.name] = sum(r["updated_once_fraction"] * r["numel"] for r in rows) / sum(r["numel"] for r in rows)
+    assert once["restore-mask"] == pytest.approx(0.7, abs=0.02)
+    assert once["moving-mask"] == pytest.approx(1 - 0.3 ** 4, abs=0.02)
 
 
 def test_accumulators_reset_after_each_epoch(tmp_path):
@@ -156,7 +190,7 @@ def test_accumulators_reset_after_each_epoch(tmp_path):
     cb = start(model, method, tmp_path)
     run_steps(model, method, optimizer, cb, steps=2)
     first = cb.epoch_stats(1)
-    assert all(r["updated_fraction"] == 0.0 and r["steps"] == 2 for r in first)
+    assert all(r["updated_fraction"] == r["updated_once_fraction"] == 0.0 and r["steps"] == 2 for r in first)
     run_steps(model, method, optimizer, cb, steps=1)
     second = cb.epoch_stats(2)
     assert all(r["steps"] == 1 and r["epoch"] == 2 for r in second)
@@ -181,8 +215,9 @@ def test_trainer_writes_layer_stats_by_default(tmp_path):
     assert all(r["steps"] == 2 and r["grad_mean_abs"] > 0 and 0 < r["updated_fraction"] <= 1 for r in rows)
 
 
-def synthetic_stats(path, epochs: int = 6):
-    """A layer_stats.jsonl with known values: two conv tensors in two blocks plus a BN bias."""
+def synthetic_stats(path, epochs: int = 6, once: bool = True):
+    """A layer_stats.jsonl with known values: two conv tensors in two blocks plus a BN bias (``once``: with the
+    share updated at least once per epoch)."""
     tensors = [("stem.conv.weight", "stem", [4, 3, 3, 3]), ("block1.0.conv1.weight", "block1", [4, 4, 3, 3]),
                ("block1.0.bn1.bias", "block1", [4])]
     with open(path, "w") as fh:
@@ -191,9 +226,11 @@ def synthetic_stats(path, epochs: int = 6):
                 numel = 1
                 for s in shape:
                     numel *= s
-                fh.write(json.dumps({"epoch": e, "param": name, "block": block, "shape": shape, "numel": numel,
-                                     "steps": 5, "grad_mean_abs": 0.1 * (i + 1) / e,
-                                     "updated_fraction": 1.0 - 0.1 * e * (i + 1) / epochs}) + "\n")
+                row = {"epoch": e, "param": name, "block": block, "shape": shape, "numel": numel, "steps": 5,
+                       "grad_mean_abs": 0.1 * (i + 1) / e, "updated_fraction": 1.0 - 0.1 * e * (i + 1) / epochs}
+                if once:
+                    row["updated_once_fraction"] = 1.0 - 0.05 * e * (i + 1) / epochs
+                fh.write(json.dumps(row) + "\n")
 
 
 def test_aggregations_and_phases(tmp_path):
@@ -209,6 +246,28 @@ def test_aggregations_and_phases(tmp_path):
     assert set(phased["param"]) == {"stem.conv.weight", "block1.0.conv1.weight"}  # weights only
     final = phased[(phased["param"] == "stem.conv.weight") & (phased["phase"] == "final")]["updated_percent"]
     assert final.item() == pytest.approx(100 * (1 - 0.1 * 5.5 / 6))
+    once = updated_by_phase(stats, view="once_per_epoch")
+    final = once[(once["param"] == "stem.conv.weight") & (once["phase"] == "final")]["updated_percent"]
+    assert final.item() == pytest.approx(100 * (1 - 0.05 * 5.5 / 6))
+    with pytest.raises(ValueError, match="choose one of"):
+        updated_by_phase(stats, view="sometimes")
+
+
+def test_updated_view_needs_the_recorded_column(tmp_path, monkeypatch):
+    """Layer stats recorded before ``updated_once_fraction`` existed: the per-step view is drawn alone, and
+    asking for the other one names the fix."""
+    from layerlab.plots import layer_stats as plots
+
+    synthetic_stats(tmp_path / STATS_FILE, once=False)
+    stats = read_layer_stats(tmp_path)
+    with pytest.raises(ValueError, match="retrain the run"):
+        updated_by_phase(stats, view="once_per_epoch")
+    shown = []  # panels of each figure written
+    monkeypatch.setattr(plots, "save", lambda fig, path: shown.append(len(fig.axes)) or path)
+    plots.plot_updated_by_phase(stats, tmp_path / "old.png", label="CURE")
+    synthetic_stats(tmp_path / STATS_FILE)
+    plots.plot_updated_by_phase(read_layer_stats(tmp_path), tmp_path / "new.png", label="CURE")
+    assert shown == [1, 2]
 
 
 def test_plot_grads_from_jsonl_only(tmp_path):

@@ -56,6 +56,7 @@ def test_callback_receives_each_epochs_metrics_and_block_statistics(tiny_cfg, di
             part = rows[rows["block"] == block]
             updated = (part["updated_fraction"] * part["numel"]).sum() / part["numel"].sum()
             assert values["updated_fraction"] == pytest.approx(updated, rel=1e-12) and 0 < updated <= 1
+            assert updated <= values["updated_once_fraction"] <= 1  # changed at least once >= changed per step
     # without gradient statistics the hook still gets the metrics, with no blocks
     quiet = _Recorder()
     train(tiny_cfg(grad_stats=False), tmp_path / "nostats", progress=False, splits=digits_splits, callbacks=[quiet])

@@ -190,6 +190,56 @@ def test_v_matches_reference_transcription(kind: str) -> None:
         torch.testing.assert_close(v[n], ref[n], rtol=1e-6, atol=1e-9 * float(ref[n].abs().max()))
 
 
+def _mlp() -> nn.Module:
+    """A model without BatchNorm, so that forwarding a subset of the batch equals masking the whole batch's loss."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+
+
+def test_awp_on_a_loss_range_ascends_on_the_examples_in_that_range_only() -> None:
+    """v against an independent computation that never sees the examples outside [lo, hi)."""
+    model = _mlp()
+    g = torch.Generator().manual_seed(3)
+    x_adv, y = torch.randn(16, 12, generator=g, dtype=torch.float64) * 3, torch.randint(0, 4, (16,), generator=g)
+    with torch.no_grad():
+        ordered = F.cross_entropy(model(x_adv), y, reduction="none").sort().values
+    lo, hi = float(ordered[3] + ordered[4]) / 2, float(ordered[11] + ordered[12]) / 2  # 8 inside, 4 below, 4 above
+    comp = AWP(gamma=0.01, loss_lo=lo, loss_hi=hi)
+    v, taken, qualified = comp.compute(model, PGDAT(), x_adv, x_adv, y)
+    assert (taken, qualified) == (1, [8])
+
+    with torch.no_grad():
+        inside = [i for i, l in enumerate(F.cross_entropy(model(x_adv), y, reduction="none")) if lo <= l < hi]
+    weights = _weights(model)
+    loss = F.cross_entropy(model(x_adv[inside]), y[inside], reduction="sum") / len(y)
+    grads = dict(zip(weights, torch.autograd.grad(loss, list(weights.values()))))
+    assert set(v) == set(grads)
+    for n, grad in grads.items():
+        expected = 0.01 * weights[n].detach().norm() / grad.norm() * grad
+        torch.testing.assert_close(v[n], expected, rtol=1e-9, atol=0.0)
+
+    everything = AWP(gamma=0.01).compute(model, PGDAT(), x_adv, x_adv, y)[0]  # the range changes v
+    assert any(not torch.allclose(v[n], everything[n]) for n in v)
+
+
+def test_awp_on_an_empty_loss_range_does_not_perturb() -> None:
+    model, (x, y) = _model(), _batch()
+    meth = build_method("awp", {"loss_lo": 1e6})
+    spy = _spy(meth)
+    meth.train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), _ctx())
+    stats = meth.components[0].stats()
+    assert spy == {} and stats["perturbed_batches"] == 0 and stats["qualified_first"] == 0
+
+
+def test_awp_loss_range_defaults_to_plain_awp_and_rejects_bad_ranges() -> None:
+    plain = AWP(gamma=0.01)
+    assert (plain.c_low, plain.c_min, plain.selective) == (None, None, False)
+    assert AWP(loss_lo=0.5, loss_hi=1.0).hparams()["c_low"] == 0.5
+    for lo, hi in ((1.0, 1.0), (2.0, 1.0), (-0.5, 1.0), (math.nan, 1.0)):
+        with pytest.raises(ValueError, match="loss range"):
+            build_method("awp", {"loss_lo": lo, "loss_hi": hi})
+
+
 CASES = {
     "awp": (lambda c_min: build_method("awp", {"gamma": 0.01}), "layer"),
     "rwp": (lambda c_min: build_method("rwp", {"gamma": 0.01, "c_min": c_min, "steps": 3}), "model"),

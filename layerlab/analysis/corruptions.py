@@ -1,4 +1,5 @@
-"""The 15 CIFAR-10-C corruptions at severities 1-5, generated on the fly (CURE Fig. 7 and 9).
+"""The 15 CIFAR-10-C corruptions at severities 1-5, generated on the fly or read from the published files
+(CURE Fig. 7 and 9).
 
 Parameters are the CIFAR-scaled ones of Hendrycks & Dietterich's ``make_cifar_c.py`` (ICLR 2019);
 the operations are re-implemented with numpy/scipy/PIL (no ImageMagick, OpenCV or scikit-image)
@@ -15,6 +16,10 @@ and vectorized over a batch. Deviations from the reference, all documented at th
 
 Every corruption is deterministic given ``seed``: each (type, severity, chunk) draws from its
 own ``numpy.random.Generator``.
+
+:class:`PublishedCorruptions` reads the published CIFAR-10-C directory instead (``<corruption>.npy``
+and ``labels.npy``), frost included; every result names its source (:data:`GENERATED` or "published
+files at DIR").
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ CORRUPTIONS: tuple[str, ...] = tuple(name for names in GROUPS.values() for name 
 GROUP_OF: dict[str, str] = {name: group for group, names in GROUPS.items() for name in names}
 SEVERITIES = (1, 2, 3, 4, 5)
 CHUNK = 500  # images corrupted at once (memory of the vectorized ops)
+GENERATED = "generated"
+LABELS_FILE = "labels.npy"
+COLUMNS = ["type", "group", "severity", "accuracy", "n", "source"]
+CSV_FILE = "corruptions.csv"
 
 
 def _pick(values: Sequence[Any], severity: int) -> Any:
@@ -431,6 +440,81 @@ def corrupt(images: Tensor | Array, name: str, severity: int, seed: int = 0) -> 
     return torch.from_numpy(out).to(device)
 
 
+class PublishedCorruptions:
+    """The published CIFAR-10-C files of a directory, lined up with the evaluated test images.
+
+    ``DIR/<corruption>.npy`` holds the whole test set (T images) corrupted at severities 1-5, stacked: a uint8
+    array 5T x H x W x 3 whose rows (s-1)T .. sT-1 are severity s; ``DIR/labels.npy`` holds the 5T labels. The
+    evaluated images are given by their positions ``index`` in the test split as stored and that split's labels
+    ``stored_labels`` (:attr:`layerlab.data.Splits.test_index`, :attr:`~layerlab.data.Splits.stored_test_labels`).
+    When the stored labels are the files' labels, the orders agree and position i is row i. Otherwise, with the same
+    number of images per class, the k-th stored image of a class is the files' k-th image of that class: the
+    alignment of an image-folder tree (stored class by class) whose files number each class's images in the
+    original order. Anything else is refused, as are missing files and wrong shapes, when the object is made.
+    """
+
+    def __init__(self, directory: str | Path, names: Sequence[str], index: Tensor, stored_labels: Tensor,
+                 image_size: tuple[int, int] = (32, 32)) -> None:
+        self.directory = Path(directory)
+        self.names = check_names(names)
+        where = f"--cifar10c {self.directory}"
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{where} is not a directory; give the folder holding the published "
+                                    f"CIFAR-10-C files ({LABELS_FILE} and <corruption>.npy)")
+        if not (self.directory / LABELS_FILE).is_file():
+            raise FileNotFoundError(f"{where} has no {LABELS_FILE}; give the folder holding the published "
+                                    f"CIFAR-10-C files ({LABELS_FILE} and <corruption>.npy)")
+        published = np.load(self.directory / LABELS_FILE)
+        stored = stored_labels.cpu().numpy()
+        self.total = len(stored)
+        if published.shape != (5 * self.total,) or not np.issubdtype(published.dtype, np.integer):
+            raise ValueError(f"{where}: {LABELS_FILE} is {published.dtype} {published.shape}, expected 5 x "
+                             f"{self.total} integer labels (5 severities of the {self.total} test images)")
+        first = published[:self.total]
+        if any((published[s * self.total:(s + 1) * self.total] != first).any() for s in range(1, 5)):
+            raise ValueError(f"{where}: {LABELS_FILE} does not repeat the same {self.total} labels for each severity")
+        rows, self.matched = _line_up(first, stored, where)
+        self.rows = rows[index.cpu().numpy()]
+        shape = (5 * self.total, *image_size, 3)
+        self.arrays: dict[str, Array] = {}
+        for name in self.names:
+            path = self.directory / f"{name}.npy"
+            if not path.is_file():
+                present = sorted(p.stem for p in self.directory.glob("*.npy") if p.stem in FUNCTIONS)
+                raise FileNotFoundError(f"{where} has no {name}.npy (present: {', '.join(present) or 'none'}); "
+                                        f"choose --types among those present")
+            array = np.load(path, mmap_mode="r")
+            if array.shape != shape or array.dtype != np.uint8:
+                raise ValueError(f"{where}: {name}.npy is {array.dtype} {array.shape}, expected uint8 {shape} "
+                                 f"(5 severities x {self.total} images x H x W x 3)")
+            self.arrays[name] = array
+
+    @property
+    def source(self) -> str:
+        """What results computed from these files say about their images."""
+        return f"published files at {self.directory} (matched {self.matched})"
+
+    def images(self, name: str, severity: int) -> Tensor:
+        """The evaluated images under corruption ``name`` at ``severity``, uint8 ``N x 3 x H x W``."""
+        rows = (_pick(SEVERITIES, severity) - 1) * self.total + self.rows
+        return torch.from_numpy(np.ascontiguousarray(self.arrays[name][rows])).permute(0, 3, 1, 2).contiguous()
+
+
+def _line_up(published: Array, stored: Array, where: str) -> tuple[Array, str]:
+    """The published files' row of each stored test image and how they were matched (see
+    :class:`PublishedCorruptions`)."""
+    if np.array_equal(published, stored):
+        return np.arange(len(stored)), "in the stored order"
+    classes = max(int(published.max()), int(stored.max())) + 1
+    if not np.array_equal(np.bincount(published, minlength=classes), np.bincount(stored, minlength=classes)):
+        raise ValueError(f"{where}: {LABELS_FILE} has other class counts than the test set; the files must hold "
+                         f"the test set of the data set evaluated")
+    rows = np.empty(len(stored), dtype=np.int64)
+    for c in range(classes):
+        rows[stored == c] = np.flatnonzero(published == c)
+    return rows, "by class and order within class"
+
+
 @torch.no_grad()
 def accuracy_on(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
     """Natural accuracy (percent) of ``model`` on uint8 images."""
@@ -442,45 +526,62 @@ def accuracy_on(model: nn.Module, images: Tensor, labels: Tensor, batch_size: in
     return 100.0 * correct / max(1, len(labels))
 
 
+def check_severities(severities: Sequence[int]) -> list[int]:
+    """Severities as ints, each in 1-5."""
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad:
+        raise ValueError(f"severities must be in {SEVERITIES}, got {bad}")
+    return [int(s) for s in severities]
+
+
 def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *, types: Sequence[str] = CORRUPTIONS,
                          severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 256,
+                         published: PublishedCorruptions | None = None,
                          progress: bool = False) -> list[dict[str, Any]]:
-    """Rows (type, group, severity, accuracy, n): clean accuracy first (severity 0), then each corruption
+    """Rows (type, group, severity, accuracy, n, source): clean accuracy first (severity 0), then each corruption,
+    its images generated from ``images`` with ``seed``, or read from ``published`` (lined up with ``images``)
     (``progress``: a bar over the corruption-severity pairs)."""
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
+    source = GENERATED if published is None else published.source
     rows = [{"type": "clean", "group": "clean", "severity": 0, "accuracy": accuracy_on(model, images, labels,
-                                                                                        batch_size), "n": len(labels)}]
-    pairs = progress_bar([(name, severity) for name in check_names(types) for severity in severities],
+                                                                                        batch_size),
+             "n": len(labels), "source": source}]
+    pairs = progress_bar([(name, severity) for name in check_names(types) for severity in check_severities(severities)],
                          desc="corruptions", progress=progress, unit="set")
     for name, severity in pairs:
         pairs.set_postfix_str(f"{name} {severity}")
-        corrupted = corrupt(images, name, int(severity), seed)
-        rows.append({"type": name, "group": GROUP_OF[name], "severity": int(severity),
-                     "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels)})
+        corrupted = (corrupt(images, name, severity, seed) if published is None
+                     else published.images(name, severity).to(device))
+        rows.append({"type": name, "group": GROUP_OF[name], "severity": severity,
+                     "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels),
+                     "source": source})
     return rows
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write corruption rows to CSV (columns type, group, severity, accuracy, n)."""
+    """Write corruption rows to CSV (:data:`COLUMNS`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["type", "group", "severity", "accuracy", "n"]).to_csv(path, index=False)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(path, index=False)
     return path
 
 
 def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequence[str] = CORRUPTIONS,
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, checkpoint: str = "best",
                         batch_size: int = 256, device: str = "auto", data_dir: str | None = None,
+                        cifar10c: str | Path | None = None,
                         progress: bool = False) -> tuple[Path, Path]:
-    """Corruption accuracies of a run's model on its first ``n`` test images: RUN/corruptions.{csv,png}."""
-    bad = [s for s in severities if s not in SEVERITIES]
-    if bad:
-        raise ValueError(f"severities must be in {SEVERITIES}, got {bad}")
+    """Corruption accuracies of a run's model on its first ``n`` test images: RUN/corruptions.{csv,png}; the
+    corrupted images are read from the published files in ``cifar10c`` when given, else generated."""
+    severities = check_severities(severities)
     model, _, splits = load_run(run_dir, checkpoint, device, data_dir)
     count = len(splits.test) if n is None else min(n, len(splits.test))
-    rows = evaluate_corruptions(model, splits.test.images[:count], splits.test.labels[:count], types=types,
-                                severities=severities, seed=seed, batch_size=batch_size, progress=progress)
-    csv = write_csv(rows, Path(run_dir) / "corruptions.csv")
+    images, labels = splits.test.images[:count], splits.test.labels[:count]
+    published = None if cifar10c is None else PublishedCorruptions(
+        cifar10c, types, splits.test_index[:count], splits.stored_test_labels, tuple(images.shape[2:]))
+    rows = evaluate_corruptions(model, images, labels, types=types, severities=severities, seed=seed,
+                                batch_size=batch_size, published=published, progress=progress)
+    csv = write_csv(rows, Path(run_dir) / CSV_FILE)
     png = plot_corruptions(csv, Path(run_dir) / "corruptions.png", title=Path(run_dir).name)
     return csv, png

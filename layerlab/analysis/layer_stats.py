@@ -6,17 +6,21 @@
 * ``grad_mean_abs``: mean |gradient| the optimizer sees (after any component masked it),
   averaged over the epoch's steps;
 * ``updated_fraction``: the fraction of entries whose value changed during the step, averaged
-  over the epoch's steps. It is *measured*, not inferred from the gradient: the callback copies
-  the trainable weights before :meth:`Method.train_step` starts and compares them with the weights
-  after it returns (after the optimizer step and every component's ``after_step``). So a mask that
-  restores entries after the step (CURE), a weight perturbation that is added and removed (AWP/RWP),
-  weight decay moving entries whose gradient is zero, and updates below float resolution are all
-  counted as they really happen.
+  over the epoch's steps;
+* ``updated_once_fraction``: the fraction of entries whose value changed in at least one step of the epoch (a mask
+  that keeps a fixed share of entries each step updates that share per step, but which entries it keeps shows
+  here: the same ones every step, or eventually all of them).
 
-Cost per step: one fused copy of the trainable weights, one fused in-place subtraction and two fused
-norm reductions (L1 of the gradients, L0 of the weight change), all on the device; the accumulators
-are device tensors, so the host synchronizes once per epoch when the rows are written. Memory: one
-extra copy of the trainable weights.
+Both are *measured*, not inferred from the gradient: the callback copies the trainable weights before
+:meth:`Method.train_step` starts and compares them with the weights after it returns (after the optimizer step
+and every component's ``after_step``). So a mask that restores entries after the step (CURE), a weight
+perturbation that is added and removed (AWP/RWP), weight decay moving entries whose gradient is zero, and
+updates below float resolution are all counted as they really happen.
+
+Cost per step: one fused copy of the trainable weights, one fused in-place subtraction, two fused
+norm reductions (L1 of the gradients, L0 of the weight change) and one in-place OR of the changed entries
+per tensor, all on the device; the accumulators are device tensors, so the host synchronizes once per epoch
+when the rows are written. Memory: one extra copy of the trainable weights and one boolean per entry.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class GradStats(Callback):
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.before: list[Tensor] = []
+        self.changed_once: list[Tensor] = []  # per tensor: entries changed in some step of this epoch
         self.rows_meta: list[dict[str, Any]] = []
         self.grad_sum: Tensor | None = None
         self.changed_sum: Tensor | None = None
@@ -74,6 +79,7 @@ class GradStats(Callback):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.before = [torch.empty_like(p) for p in self.params]
+        self.changed_once = [torch.zeros_like(p, dtype=torch.bool) for p in self.params]
         self.rows_meta = [{"param": n, "block": _block(n), "module": _module_kind(model, n),
                            "shape": list(p.shape), "numel": p.numel()} for n, p in named]
         self._reset()
@@ -87,6 +93,8 @@ class GradStats(Callback):
         device = self.params[0].device if self.params else torch.device("cpu")
         self.grad_sum = torch.zeros(len(self.params), dtype=torch.float64, device=device)
         self.changed_sum = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        for mask in self.changed_once:
+            mask.zero_()
         self.steps = 0
 
     @torch.no_grad()
@@ -116,19 +124,23 @@ class GradStats(Callback):
         torch._foreach_sub_(self.before, self.params)  # before - after, in place
         changed = torch.stack(torch._foreach_norm(self.before, 0)).to(torch.float64)
         self.changed_sum += changed
+        for mask, diff in zip(self.changed_once, self.before):
+            mask |= diff != 0
         self.steps += 1
 
     def epoch_stats(self, epoch: int) -> list[dict[str, Any]]:
         """The epoch's rows (one host sync) and reset of the accumulators."""
         grad = self.grad_sum.cpu().tolist()
         changed = self.changed_sum.cpu().tolist()
+        once = (torch.stack([m.sum() for m in self.changed_once]).cpu().tolist() if self.changed_once else [])
         steps = self.steps
         rows = []
-        for meta, g, c in zip(self.rows_meta, grad, changed):
+        for meta, g, c, o in zip(self.rows_meta, grad, changed, once):
             denom = max(1, steps) * meta["numel"]
             rows.append({"epoch": epoch, **meta, "steps": steps,
                          "grad_mean_abs": g / denom if steps else math.nan,
-                         "updated_fraction": c / denom if steps else math.nan})
+                         "updated_fraction": c / denom if steps else math.nan,
+                         "updated_once_fraction": o / meta["numel"] if steps else math.nan})
         self._reset()
         return rows
 
@@ -139,17 +151,20 @@ class GradStats(Callback):
             fh.write("".join(runs.dumps_line(r) for r in self.epoch_rows))
 
 
+BLOCK_STATS = ("grad_mean_abs", "updated_fraction", "updated_once_fraction")
+
+
 def block_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per model part (``stem``, ``blockK``, ``head``), in model order, the ``grad_mean_abs`` and
-    ``updated_fraction`` of one epoch's :meth:`GradStats.epoch_stats` rows, each tensor weighted by its number of
-    entries (so a block's value is the mean over all its entries, as for a single tensor)."""
-    sums: dict[str, list[float]] = {}
+    """Per model part (``stem``, ``blockK``, ``head``), in model order, the :data:`BLOCK_STATS` of one epoch's
+    :meth:`GradStats.epoch_stats` rows, each tensor weighted by its number of entries (so a block's value is the
+    mean over all its entries, as for a single tensor)."""
+    sums: dict[str, dict[str, float]] = {}
     for r in rows:
-        acc = sums.setdefault(r["block"], [0.0, 0.0, 0])
-        acc[0] += r["grad_mean_abs"] * r["numel"]
-        acc[1] += r["updated_fraction"] * r["numel"]
-        acc[2] += r["numel"]
-    return {block: {"grad_mean_abs": g / n, "updated_fraction": u / n} for block, (g, u, n) in sums.items()}
+        acc = sums.setdefault(r["block"], dict.fromkeys(("numel",) + BLOCK_STATS, 0.0))
+        acc["numel"] += r["numel"]
+        for stat in BLOCK_STATS:
+            acc[stat] += r[stat] * r["numel"]
+    return {block: {stat: acc[stat] / acc["numel"] for stat in BLOCK_STATS} for block, acc in sums.items()}
 
 
 def read_layer_stats(path: str | Path) -> Any:
@@ -181,15 +196,27 @@ def phase_of_epochs(epochs: list[int]) -> dict[int, str]:
     return {e: PHASES[2 * i] for i, e in enumerate(ordered)}
 
 
-def updated_by_phase(stats, weights_only: bool = True) -> Any:
-    """Mean updated fraction (percent) per layer and training phase; layers = conv/linear weights by default."""
+UPDATED_VIEWS = {"per_step": ("updated_fraction", "weights updated per step (%)"),
+                 "once_per_epoch": ("updated_once_fraction", "weights updated at least once per epoch (%)")}
+
+
+def updated_by_phase(stats, weights_only: bool = True, view: str = "per_step") -> Any:
+    """Mean updated fraction (percent, ``updated_percent``) per layer and training phase; layers = conv/linear
+    weights by default. ``view`` (:data:`UPDATED_VIEWS`): ``per_step``, the share of entries a step changes, or
+    ``once_per_epoch``, the share changed in at least one step of an epoch (mean over the phase's epochs)."""
+    if view not in UPDATED_VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {sorted(UPDATED_VIEWS)}")
+    column = UPDATED_VIEWS[view][0]
+    if column not in stats:
+        raise ValueError(f"these layer stats have no {column!r}: they were recorded before it existed; "
+                         f"retrain the run for the {view!r} view")
     df = stats
     if weights_only:
         df = df[df["shape"].map(len) > 1]
     phases = phase_of_epochs(df["epoch"].tolist())
     df = df.assign(phase=df["epoch"].map(phases))
     order = {p: i for i, p in enumerate(dict.fromkeys(df["param"]))}
-    out = df.groupby(["param", "block", "phase"], sort=False)["updated_fraction"].mean().reset_index()
-    out["updated_percent"] = 100 * out["updated_fraction"]
+    out = df.groupby(["param", "block", "phase"], sort=False)[column].mean().reset_index()
+    out["updated_percent"] = 100 * out[column]
     out["layer"] = out["param"].map(order)
     return out.sort_values(["layer", "phase"]).reset_index(drop=True)

@@ -9,11 +9,12 @@ Ordered one way, each module reading only the ones before it:
 * :mod:`~layerlab.gallery.figures`: one figure function per group, drawing with :mod:`layerlab.plots`;
 * :mod:`~layerlab.gallery.reference`: the papers' published numbers;
 * :mod:`~layerlab.gallery.manifest`: :func:`make` (one group, what a notebook calls), :func:`reproduce` (every
-  group, what ``layerlab reproduce`` calls), the manifests and ``README.md``.
+  group, what ``layerlab reproduce`` calls), :func:`redraw` (one group from its records alone), :func:`verify`
+  (every manifest against the records), the manifests and ``README.md``.
 """
 
-from layerlab.gallery.manifest import make, reproduce, show, write_readme
+from layerlab.gallery.manifest import make, redraw, reproduce, show, verify, write_readme
 from layerlab.gallery.settings import GROUPS, SETTINGS, FigureGroup, FigureSettings, base_config, context, settings
 
-__all__ = ["GROUPS", "SETTINGS", "FigureGroup", "FigureSettings", "base_config", "context", "make", "reproduce",
-           "settings", "show", "write_readme"]
+__all__ = ["GROUPS", "SETTINGS", "FigureGroup", "FigureSettings", "base_config", "context", "make", "redraw",
+           "reproduce", "settings", "show", "verify", "write_readme"]

@@ -23,6 +23,10 @@ from layerlab.gallery.results import (
     evaluate_as_trained,
     lsc_result,
     minpert_attribution_results,
+    overfitting_seed_table,
+    seed_runs,
+    seed_table,
+    shown_checkpoint,
     tradeoff_table,
 )
 from layerlab.gallery.runs import freeze_runs, method_runs, st_checkpoint, summary, variant_runs
@@ -64,18 +68,20 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
 
 @draws("freeze_study")
 def freeze_study(ctx: Context) -> PathMap:
-    """CURE Fig. 2b (re-initialized) and Fig. 11 (fine-tuned): ST, SAT and every U-spec."""
+    """CURE Fig. 2b (re-initialized) and Fig. 11 (fine-tuned): ST, SAT and every U-spec, over every seed of each
+    run (best-on-validation and last checkpoint)."""
     out = ctx.group_dir(GROUPS["freeze_study"])
-    rows = []
+    parts = []
     for reinit, panel in ((True, "updated blocks re-initialized (Fig. 2b)"),
                           (False, "updated blocks fine-tuned (Fig. 11)")):
-        for label, run in freeze_runs(ctx, reinit).items():
-            s = summary(run)
-            rows.append({"panel": panel, "model": label, "spec": s.get("update") or "",
-                         "reinit": reinit if label not in ("ST", "SAT") else "",
-                         "natural_acc": s["natural_acc"], "robust_acc": s["robust_acc"], "nrr": s["nrr"],
-                         "best_epoch": s["best_epoch"], "dir": str(run)})
-    table = pd.DataFrame(rows)
+        found = freeze_runs(ctx, reinit)
+        specs = {label: summary(run).get("update") or "" for label, run in found.items()}
+        part = seed_table(found).rename(columns={"method": "model"})
+        part.insert(0, "panel", panel)
+        part.insert(2, "spec", part["model"].map(specs))
+        part.insert(3, "reinit", [reinit if m not in ("ST", "SAT") else "" for m in part["model"]])
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
     return {"table": _write_csv(table, out / "cure_fig2b_fig11_freeze_study.csv"),
             "figure": plot_freeze_study(table, out / "cure_fig2b_fig11_freeze_study.png")}
 
@@ -92,7 +98,7 @@ def cka(ctx: Context) -> PathMap:
     jsons = {label: cka_result(ctx, run) for label, run in models.items()}
     cure_json = cka_result(ctx, cure)
     return {"fig3": plot_cka_grid(jsons, out / "cure_fig3_cka.png", "CKA natural vs adversarial (Fig. 3)"),
-            "fig12": plot_cka(cure_json, out / "cure_fig12_cka_cure.png")}
+            "fig12": plot_cka(cure_json, out / "cure_fig12_cka_cure.png", label=cure.name)}
 
 
 @draws("overfitting")
@@ -100,24 +106,40 @@ def overfitting(ctx: Context) -> PathMap:
     """Robust overfitting: CURE Fig. 4 (U-spec test curves), Fig. 5c and Table 3 (best/last/delta)."""
     out = ctx.group_dir(GROUPS["overfitting"])
     models = freeze_runs(ctx, reinit=True)
-    uspec = write_curves([models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")],
-                         out / "fig4_data", plot=False)
+    uspec_runs = [models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")]
+    uspec = write_curves(with_seeds(uspec_runs), out / "fig4_data", plot=False)
     methods = method_runs(ctx, OVERFIT_METHODS)
-    compare = write_curves(list(methods.values()), out / "fig5c_data", plot=False)
-    table = out / "cure_table3_overfitting.csv"
-    table.write_text(compare["overfitting"].read_text())
-    return {"fig4": plot_curves(uspec["curves"], uspec["overfitting"], out / "cure_fig4_uspec_curves.png"),
-            "fig5c": plot_curves(compare["curves"], compare["overfitting"], out / "cure_fig5c_curves.png"),
+    compare = write_curves(with_seeds(methods.values()), out / "fig5c_data", plot=False)
+    table = _write_csv(overfitting_seed_table({r.name: r for r in methods.values()}),
+                       out / "cure_table3_overfitting.csv")
+    return {"fig4": plot_curves(uspec["curves"], uspec["overfitting"], out / "cure_fig4_uspec_curves.png",
+                                title="CURE Fig. 4: SAT (AT) and the U-spec models (updated blocks re-initialized)",
+                                groups=seed_groups(uspec_runs)),
+            "fig5c": plot_curves(compare["curves"], compare["overfitting"], out / "cure_fig5c_curves.png",
+                                 title=f"CURE Fig. 5c: {', '.join(r.name for r in methods.values())}",
+                                 groups=seed_groups(methods.values())),
             "table3": table}
+
+
+def with_seeds(run_dirs) -> list[Path]:
+    """Every run of ``run_dirs`` followed by its finished seed siblings (:func:`seed_runs`)."""
+    return [member for run in run_dirs for member in seed_runs(run)]
+
+
+def seed_groups(run_dirs) -> dict[str, str]:
+    """Seed run name -> the run it is a seed of, for every run of ``run_dirs``."""
+    return {member.name: Path(run).name for run in run_dirs for member in seed_runs(run)}
 
 
 @draws("tradeoff")
 def tradeoff(ctx: Context) -> PathMap:
-    """CURE Fig. 1 / 5a and a Table-1-style table (natural, PGD-20, CW-inf, AA, NRR)."""
+    """CURE Fig. 1 / 5a (natural against C&W, and against AutoAttack or the worst case) and a Table-1-style table
+    (natural, PGD-20, CW-inf, AA, the headline robust accuracy, NRR), over seeds, at both checkpoints."""
     out = ctx.group_dir(GROUPS["tradeoff"])
     table = tradeoff_table(ctx, evaluate_as_trained(ctx, ctx.s.methods, ctx.s.attacks))
     return {"table1": _write_csv(table, out / "cure_table1_tradeoff.csv"),
-            "fig1": plot_tradeoff(table, out / "cure_fig1_fig5a_tradeoff.png")}
+            "fig1": plot_tradeoff(table, out / "cure_fig1_fig5a_tradeoff.png",
+                                  checkpoint=shown_checkpoint(table, "cw_inf"))}
 
 
 @draws("attack_strength")
@@ -131,16 +153,19 @@ def attack_strength(ctx: Context) -> PathMap:
 
 @draws("gradients")
 def gradients(ctx: Context) -> PathMap:
-    """CURE Fig. 6a (gradient per block over training), 6b and 10 (weights updated per layer and phase), from
-    each run's layer_stats.jsonl."""
+    """CURE Fig. 6a (gradient per block over training) and 6b (CURE's weights updated per layer and phase: per
+    step, and at least once per epoch), from each run's layer_stats.jsonl; the same view of AT and TRADES is an
+    extension (the paper shows it for CURE only)."""
     out = ctx.group_dir(GROUPS["gradients"])
     run_dirs = method_runs(ctx, ["at", "trades", "cure"])
     stats = {name: read_layer_stats(run) for name, run in run_dirs.items()}
     paths = {"fig6a": plot_block_gradient_panels({run_dirs[k].name: stats[k] for k in ("at", "cure")},
                                                   out / "cure_fig6a_grads_per_block.png"),
-             "fig6b": plot_updated_by_phase(stats["cure"], out / "cure_fig6b_updated_cure.png")}
+             "fig6b": plot_updated_by_phase(stats["cure"], out / "cure_fig6b_updated_cure.png",
+                                            label=run_dirs["cure"].name)}
     for name in ("at", "trades"):
-        paths[f"fig10_{name}"] = plot_updated_by_phase(stats[name], out / f"cure_fig10_updated_{name}.png")
+        label = f"{run_dirs[name].name} (extension, not a paper figure)"
+        paths[f"ext_updated_{name}"] = plot_updated_by_phase(stats[name], out / f"ext_updated_{name}.png", label)
     return paths
 
 
@@ -160,25 +185,32 @@ def corruptions(ctx: Context) -> PathMap:
 
 @draws("minpert_attributions")
 def minpert_attributions(ctx: Context) -> PathMap:
-    """CURE Fig. 8: minimum L-inf perturbations and captum attributions of ST, AT and CURE."""
+    """CURE Fig. 8: minimum L-inf perturbations of ST, AT and CURE; and, as an extension the paper does not have,
+    their captum attributions (input saliency and integrated gradients, layer attributions per block)."""
     out = ctx.group_dir(GROUPS["minpert_attributions"])
-    found = minpert_attribution_results(ctx, list(method_runs(ctx, ANALYSIS_METHODS).values()))
+    models = method_runs(ctx, ANALYSIS_METHODS)
+    found = minpert_attribution_results(ctx, list(models.values()))
+    names = ", ".join(r.name for r in models.values())
     return {"fig8_minpert": plot_minpert(found["minpert"], out / "cure_fig8_minpert.png"),
-            "fig8_attributions": plot_attributions(found["attributions"], out / "cure_fig8_attributions.png"),
-            "fig8_blocks": plot_block_attributions(found["attributions"], out / "cure_fig8_block_attributions.png")}
+            "ext_attributions": plot_attributions(found["attributions"], out / "ext_attributions.png",
+                                                  title=f"Attributions of {names} (extension, not in the paper)"),
+            "ext_blocks": plot_block_attributions(found["attributions"], out / "ext_block_attributions.png",
+                                                  note="\nextension, not in the paper")}
 
 
 @draws("lsc")
 def lsc(ctx: Context) -> PathMap:
-    """RWP Fig. 2 (loss landscapes per LSC group across checkpoints) and Fig. 1b (removal rate)."""
+    """RWP Fig. 2 (loss landscapes per LSC group across checkpoints) and, as an extension, the share of training
+    adversarial examples below c_min over training (neither RWP Fig. 1b nor its appendix Fig. 4)."""
     out = ctx.group_dir(GROUPS["lsc"])
     results = {}
     for method in ("at", "rwp"):  # each analysed before the next trains (LSC needs the per-epoch weights)
         run = method_runs(ctx, [method])[method]
         results[run.name] = lsc_result(ctx, run)
-    paths = {f"fig2_{name}": plot_lsc(r["lsc"], out / f"rwp_fig2_lsc_{name}.png") for name, r in results.items()}
-    paths["fig1b"] = plot_removal_rates({n: r["removal_rate"] for n, r in results.items()},
-                                        out / "rwp_fig1b_removal_rate.png")
+    paths = {f"fig2_{name}": plot_lsc(r["lsc"], out / f"rwp_fig2_lsc_{name}.png", label=name)
+             for name, r in results.items()}
+    paths["ext_small_loss"] = plot_removal_rates({n: r["removal_rate"] for n, r in results.items()},
+                                                 out / "ext_small_loss_share.png")
     return paths
 
 
@@ -189,25 +221,28 @@ def default_arg(method: str, name: str) -> Any:
 
 @draws("rwp_ablations")
 def rwp_ablations(ctx: Context) -> PathMap:
-    """RWP Fig. 1a/1c (AT vs AWP vs RWP curves) and Fig. 3 (c_min and K2 sweeps)."""
+    """RWP Fig. 3c (AT vs AWP vs RWP test curves) and Fig. 3a/3b (c_min and K2 sweeps over seeds, with AT and
+    AWP as references)."""
     out = ctx.group_dir(GROUPS["rwp_ablations"])
     base = method_runs(ctx, ["at", "awp", "rwp"])
-    curves = write_curves(list(base.values()), out / "fig1_data", plot=False)
+    curves = write_curves(with_seeds(base.values()), out / "fig3c_data", plot=False)
     sweeps = {"c_min": ctx.s.rwp_cmins, "steps": ctx.s.rwp_steps}
     short = {"c_min": "cmin", "steps": "k"}
-    rows = []
+    points = []  # (param, value, run directory)
     for param, values in sweeps.items():
         default = default_arg("rwp", param)
         names = {v: f"{method_run_name('rwp')}-{short[param]}{v:g}" for v in values}
         found = variant_runs(ctx, "rwp", {names[v]: {param: v} for v in values if v != default})
-        for v in values:
-            run = base["rwp"] if v == default else found[names[v]]
-            s = summary(run)
-            rows.append({"param": param, "value": v, "run": run.name, "natural_acc": s["natural_acc"],
-                         "robust_acc": s["robust_acc"], "nrr": s["nrr"]})
-    table = pd.DataFrame(rows)
-    refs = {name.upper(): summary(base[name]) for name in ("at", "awp")}
-    return {"fig1a": plot_curves(curves["curves"], curves["overfitting"], out / "rwp_fig1a_curves.png"),
+        points += [(param, v, base["rwp"] if v == default else found[names[v]]) for v in values]
+    refs = [base[name] for name in ("at", "awp")]
+    # one table, so the sweeps and their references share one robust measure
+    every = seed_table({run.name: run for run in [r for _, _, r in points] + refs})
+    table = pd.concat([every[every["method"] == run.name].assign(param=param, value=v)
+                       for param, v, run in points], ignore_index=True).rename(columns={"method": "run"})
+    table = table[["param", "value", *[c for c in table if c not in ("param", "value")]]]
+    refs = every[every["method"].isin([r.name for r in refs])]
+    return {"fig3c": plot_curves(curves["curves"], curves["overfitting"], out / "rwp_fig3c_curves.png",
+                                 title="RWP Fig. 3c: AT, AWP and RWP", groups=seed_groups(base.values())),
             "table": _write_csv(table, out / "rwp_fig3_sweeps.csv"),
             "fig3": plot_sweeps(table, refs, out / "rwp_fig3_sweeps.png")}
 
@@ -220,12 +255,11 @@ def cure_ablation(ctx: Context) -> PathMap:
     name = method_run_name("cure")
     variants = {name + suffix: args for suffix, (_, _, args) in CURE_ABLATION.items() if suffix}
     found = {**variant_runs(ctx, "cure", variants, init=st_checkpoint(ctx)), full.name: full}
-    rows = []
-    for suffix, (rgp, revision, args) in CURE_ABLATION.items():
-        s = summary(found[name + suffix])
-        rows.append({"run": name + suffix, "rgp": rgp, "revision": revision, "args": str(args),
-                     "natural_acc": s["natural_acc"], "robust_acc": s["robust_acc"], "nrr": s["nrr"]})
-    table = pd.DataFrame(rows)
+    table = seed_table({name + suffix: found[name + suffix] for suffix in CURE_ABLATION}).rename(
+        columns={"method": "run"})
+    switches = {name + suffix: (rgp, revision, str(args)) for suffix, (rgp, revision, args) in CURE_ABLATION.items()}
+    for i, col in enumerate(("rgp", "revision", "args")):
+        table.insert(1 + i, col, [switches[r][i] for r in table["run"]])
     return {"table7": _write_csv(table, out / "cure_table7_ablation.csv"),
             "figure": plot_ablation(table, out / "cure_table7_ablation.png")}
 

@@ -2,22 +2,28 @@
 
 :func:`make` runs one figure group (:data:`layerlab.gallery.figures.DRAW`) and writes ``GROUP/manifest.json``
 (the command that re-makes the group, profile, data, seeds, the runs it read with their results and training
-times, this call's wall time, the git commit, how the setting differs from the paper's), and copies the small
-tidy files each figure is drawn from (the runs' JSON, JSONL and CSV results, never checkpoints) into
-``GROUP/data/RUN/``. :func:`reproduce` makes every group in order; :func:`write_readme` turns the manifests into
-``README.md``, with the papers' published numbers (:mod:`layerlab.gallery.reference`) beside ours.
+times, this call's wall time, the git commit, how the setting differs from the paper's). Its ``reads`` name
+every result file the group's figures and numbers were drawn from, as the file in the records directory
+(:mod:`layerlab.records`, e.g. ``results/runs-cpu``) relative to the figures directory's parent, with its
+content hash; a group folder holds its figures, its own derived tables and the manifest, never copies of run
+files. :func:`verify` checks every manifest's hashes against the records, :func:`redraw` draws a group again
+from the records alone, :func:`reproduce` makes every group in order, and :func:`write_readme` turns the
+manifests into ``README.md``, with the papers' published numbers (:mod:`layerlab.gallery.reference`) beside ours.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import json
 import os
-import shutil
 import statistics
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -37,12 +43,20 @@ from layerlab.gallery.settings import (
     group_of,
     settings,
 )
-from layerlab.records import copy_results, export_records, restore_records
 from layerlab.progress import bar as progress_bar
+from layerlab.records import (
+    COPIED_SUFFIXES,
+    MARKER,
+    ROOT_TOKEN,
+    export_records,
+    record_bytes,
+    record_hash,
+    records_only,
+    restore_records,
+)
 from layerlab.train import epoch_seconds, epoch_wall
 
 MANIFEST = "manifest.json"
-DATA_DIR = "data"
 MAX_TABLE_ROWS = 40  # longer CSV tables are linked, not shown
 STALL_FACTOR = 3.0  # an epoch this many times its run's median epoch stalled (see stalled_epochs)
 # Figure settings that differ between the profiles and are worth naming next to a figure.
@@ -51,14 +65,40 @@ COMPARED_CONFIG = ("model", "width", "dataset", "train_size", "val_size", "test_
 
 
 def make(key: str, profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
-         data_dir: str | None = None, *, progress: bool | None = None) -> PathMap:
+         data_dir: str | None = None, *, progress: bool | None = None, records: str | Path | None = None) -> PathMap:
     """Make figure group ``key`` (a :data:`GROUPS` key): train or re-use its runs, draw its figures into
-    ``figures_dir/NN_key/``, write its manifest; returns ``{name: path}``. What a notebook calls."""
+    ``figures_dir/NN_key/``, write its manifest; returns ``{name: path}``. What a notebook calls.
+
+    With ``records`` (a records directory) the run root's finished runs are exported there first and the
+    manifest names the records' files; without, it names the run root's (``RUN_ROOT/RUN/FILE``)."""
     group = group_of(key)
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
-    paths = DRAW[group.key](ctx)
-    write_manifest(ctx, group, paths)
+    with reading(ctx.root) as read:
+        paths = DRAW[group.key](ctx)
+    if records is not None:
+        export_records(ctx.root, records)
+    write_manifest(ctx, group, paths, read, records)
     return paths
+
+
+def redraw(key: str, figures_dir: str | Path = FIGURES_DIR, data_dir: str | None = None, *,
+           progress: bool | None = None) -> PathMap:
+    """Draw figure group ``key`` again from the records its manifest names, alone: the runs it read are restored
+    into a temporary run root and drawn inside :func:`layerlab.records.records_only` (nothing trains; a result
+    the records lack is an error). The group's figures and manifest are rewritten; returns ``{name: path}``."""
+    group = group_of(key)
+    path = Path(figures_dir) / group.folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; make the group first (layerlab reproduce --only {group.key})")
+    manifest = runs.read_json(path)
+    if not manifest.get("store"):
+        raise ValueError(f"{path} names no records directory; re-make the group with --records DIR")
+    store = Path(figures_dir).resolve().parent / manifest["store"]
+    with tempfile.TemporaryDirectory(prefix="layerlab-redraw-") as root:
+        restore_records(store, root, names={r["run"] for r in manifest["reads"]})
+        with records_only():
+            return make(group.key, manifest["profile"], root, figures_dir, data_dir, progress=progress,
+                        records=store)
 
 
 def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
@@ -67,8 +107,10 @@ def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_di
     """Every figure group (or ``only`` those named), in notebook order: what ``layerlab reproduce`` runs.
 
     ``records`` (a directory, e.g. ``results/runs-cpu``) carries a long gallery across machines: runs recorded
-    there and missing from the run root are restored before anything trains, and every finished run's result
-    files are exported there after each group (:mod:`layerlab.records`)."""
+    there and missing from the run root are restored before anything trains, every finished run's result
+    files are exported there after each group (:mod:`layerlab.records`), and a group whose records a later
+    group changed (an analysis added to a run's file) is drawn again at the end, so every manifest's hashes
+    match the records."""
     names = list(GROUPS) if not only else list(only)
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
@@ -87,10 +129,15 @@ def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_di
         if log:
             log(f"{key} ({group.notebook}) ...")
         try:
-            done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress)
+            done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress, records=records)
         finally:  # what finished is kept even when a later run fails
             if records is not None:
                 export_records(run_root, records)
+    if records is not None:
+        for key in stale_groups(figures_dir, done):
+            if log:
+                log(f"{key}: drawn again, a later group changed the records it read")
+            done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress, records=records)
     write_readme(figures_dir)
     return done
 
@@ -196,21 +243,77 @@ def _analysis_cost(directory: Path) -> dict[str, Any]:
     return {"analysis_seconds": round(sum(costs.values()), 1), "analysis_costs": costs, "uncosted": uncosted}
 
 
-def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
+_READING: contextvars.ContextVar[tuple[Path, set[tuple[str, str]]] | None] = contextvars.ContextVar(
+    "gallery_reading", default=None)
+_HOOKED = False  # the audit hook is added once per process (hooks cannot be removed)
+
+
+def _opened_for_reading(mode: Any, flags: Any) -> bool:
+    if isinstance(mode, str):  # open() / io.open
+        return not any(c in mode for c in "wax+")
+    return isinstance(flags, int) and not flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT)  # os.open
+
+
+def _note_read(event: str, args: tuple[Any, ...]) -> None:
+    """Audit hook: inside :func:`reading`, note each result file under its run root opened for reading."""
+    if event != "open" or (current := _READING.get()) is None:
+        return
+    try:
+        path, mode, flags = args
+        if isinstance(path, int) or not _opened_for_reading(mode, flags):
+            return
+        root, seen = current
+        rel = Path(os.fsdecode(path)).resolve().relative_to(root)
+        if len(rel.parts) == 2 and rel.suffix in COPIED_SUFFIXES and rel.name != MARKER:
+            seen.add((rel.parts[0], rel.parts[1]))
+    except Exception:  # noqa: BLE001 - a path outside the root, or odd arguments: not a result file read
+        return
+
+
+@contextlib.contextmanager
+def reading(root: str | Path) -> Iterator[set[tuple[str, str]]]:
+    """The result files (``(run, file)``) opened for reading under run root ``root`` while the block runs, in this
+    thread: exactly what a figure group was drawn from, however deep in the library the read happened."""
+    global _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_note_read)
+        _HOOKED = True
+    seen: set[tuple[str, str]] = set()
+    token = _READING.set((Path(root).resolve(), seen))
+    try:
+        yield seen
+    finally:
+        _READING.reset(token)
+
+
+def _read_entries(ctx: Context, read: set[tuple[str, str]], records: str | Path | None) -> list[dict[str, str]]:
+    """A manifest's ``reads``: each result file read, as the records directory holds it (its path relative to the
+    figures directory's parent) or, with no records, as ``RUN_ROOT/RUN/FILE``, and the record's content hash."""
+    entries = []
+    for run, name in sorted(read):
+        src = ctx.root / run / name
+        if not src.is_file():  # read, then replaced by nothing (an interrupted analysis)
+            continue
+        path = (os.path.relpath(Path(records).resolve() / run / name, ctx.figures.parent) if records is not None
+                else f"{ROOT_TOKEN}/{run}/{name}")
+        entries.append({"run": run, "file": name, "path": path,
+                        "sha256": record_hash(record_bytes(src, (str(ctx.root), ROOT_TOKEN)))})
+    return entries
+
+
+def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap, read: set[tuple[str, str]],
+                   records: str | Path | None = None) -> Path:
     """Write ``GROUP/manifest.json`` for one figure call (earlier calls with the same setting are kept in
-    ``calls``) and copy the runs' result files and the call's other sources to ``GROUP/data/``."""
+    ``calls``); ``read`` holds the result files the figures were drawn from (:func:`reading`), to which the
+    runs' summaries, configs and costs read here are added."""
     out = ctx.group_dir(group)
     extra_sources = tuple(ctx.sources)
     finished = dt.datetime.now(dt.timezone.utc)
     wall = finished.timestamp() - ctx.started
-    used = [_run_row(name, d, ctx.started) for name, d in sorted(ctx.used.items())]
-    for row in used:
-        row["copied"] = copy_results(Path(row["dir"]), out / DATA_DIR / row["run"], (str(ctx.root), "RUN_ROOT"))
-    for src in extra_sources:
-        if src.is_file():
-            (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, out / DATA_DIR / src.name)
-    shared = {str(d): _analysis_cost(d) for d in sorted({s.parent for s in extra_sources if s.is_file()})}
+    with reading(ctx.root) as also:
+        used = [_run_row(name, d, ctx.started) for name, d in sorted(ctx.used.items())]
+        shared = {str(d): _analysis_cost(d) for d in sorted({s.parent for s in extra_sources if s.is_file()})}
+    store = None if records is None else os.path.relpath(Path(records).resolve(), ctx.figures.parent)
     trained = sum(r["train_seconds"] for r in used if r["trained_in_call"])
     key = group.key
     env = runs.environment()
@@ -226,10 +329,12 @@ def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap) -> Path:
         "group": group.folder, "key": key, "notebook": f"notebooks/{group.notebook}",
         "command": (("LAYERLAB_DATA=$LAYERLAB_DATA " if data_root and ctx.cfg.dataset != "digits" else "")
                     + f"layerlab reproduce --profile {ctx.profile} --runs RUN_ROOT --figures {_figures_arg(ctx)} "
-                      f"--only {key}"),
+                      f"--only {key}" + ("" if store is None else f" --records {store}")),
         "profile": ctx.profile, "data": describe_data(ctx.cfg.dataset, ctx.data_dir),
         "seeds": {"training": ctx.cfg.seed, "evaluation_and_analysis": 0},
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
+        "store": store,
+        "reads": _read_entries(ctx, read | also, records),
         "runs": used, "shared_analyses": shared, "calls": calls, "differences_from_paper": paper_differences(ctx),
         "figure_settings": _jsonable(asdict(ctx.s)), "environment": env,
     }
@@ -266,6 +371,55 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------------------
+# Checking the manifests against the records
+# --------------------------------------------------------------------------------------
+
+
+def _group_problems(m: dict[str, Any], base: Path) -> list[str]:
+    """What is wrong with one manifest's reads (``base``: the directory its paths are relative to)."""
+    group = m["group"]
+    if "reads" not in m:
+        return [f"{group}: its manifest names no result files it read; re-make the group with --records DIR"]
+    if not m.get("store"):
+        return [f"{group}: drawn from a run root, not from records; re-make the group with --records DIR"]
+    problems = []
+    for r in m["reads"]:
+        path = base / r["path"]
+        if not path.is_file():
+            problems.append(f"{group}: read {r['path']}, which the records do not hold; re-make the group")
+        elif record_hash(path.read_bytes()) != r["sha256"]:
+            problems.append(f"{group}: {r['path']} changed since the group was drawn; "
+                            f"draw it again (layerlab records redraw --only {m['key']})")
+    return problems
+
+
+def stale_groups(figures: str | Path, keys: Sequence[str]) -> list[str]:
+    """The groups among ``keys`` whose manifest's reads no longer match their records."""
+    base = Path(figures).resolve().parent
+    found = {m["key"]: m for m in read_manifests(Path(figures))}
+    return [k for k in keys if k in found and _group_problems(found[k], base)]
+
+
+def verify(figures: str | Path) -> list[str]:
+    """Every problem of the manifests under ``figures`` (empty when none): a result file a group read that its
+    records no longer hold or hold with other content (a re-made run), a manifest that names no records, and a
+    file under ``figures`` that is a copy of a record file."""
+    figures = Path(figures)
+    base = figures.resolve().parent
+    manifests = read_manifests(figures)
+    problems = [p for m in manifests for p in _group_problems(m, base)]
+    stores = {base / m["store"] for m in manifests if m.get("store")}
+    recorded = {record_hash(p.read_bytes()): p for s in stores if s.is_dir() for p in s.rglob("*") if p.is_file()}
+    for path in sorted(figures.rglob("*")):
+        if path.is_file() and path.name not in (MANIFEST, "README.md"):
+            twin = recorded.get(record_hash(path.read_bytes()))
+            if twin is not None:
+                problems.append(f"{path.relative_to(figures)} is a copy of {os.path.relpath(twin, base)}; "
+                                f"delete it (the manifest names the record)")
+    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -320,6 +474,19 @@ def _csv_rows(path: Path, drop: tuple[str, ...] = ("dir",)) -> tuple[list[dict[s
     return records, list(frame.columns)
 
 
+def _drawn_from(m: dict[str, Any]) -> str:
+    """The runs a group read, each linked to its folder in the records (paths relative to ``figures/``)."""
+    if not m.get("reads"):
+        return "no record of the files it read (re-make the group with --records DIR)"
+    files: dict[str, list[str]] = {}
+    for r in m["reads"]:
+        files.setdefault(r["run"], []).append(r["file"])
+    if not m.get("store"):
+        return "the run root (no records): " + "; ".join(f"{run} ({', '.join(fs)})" for run, fs in files.items())
+    return (f"{len(m['reads'])} result files of {len(files)} runs in `{m['store']}` (hashes in `manifest.json`): "
+            + "; ".join(f"[{run}](../{m['store']}/{run}/) ({', '.join(fs)})" for run, fs in files.items()))
+
+
 def _group_section(m: dict[str, Any], figures: Path) -> list[str]:
     last = m["calls"][-1]
     lines = [f"## {m['group']}", "",
@@ -333,7 +500,11 @@ def _group_section(m: dict[str, Any], figures: Path) -> list[str]:
              f"{_hours(sum(r['train_seconds'] for r in m['runs']))}"]
     if m["differences_from_paper"]:
         lines.append("- miniature vs the paper's setting: " + "; ".join(m["differences_from_paper"]))
-    lines.append(f"- drawn from: `{m['group']}/{DATA_DIR}/` (each run's summary, metrics and analysis results)")
+    lines.append("- drawn from: " + _drawn_from(m))
+    problems = _group_problems(m, figures.resolve().parent)
+    if problems:
+        lines.append(f"- **not matching its records**: {len(problems)} problem(s), e.g. {problems[0].split(': ', 1)[1]} "
+                     f"(`layerlab records verify` lists them all)")
     lines.append("")
     for name, rel in m["files"].items():
         if rel.endswith(".png"):

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from layerlab.gallery.results import shown_checkpoint
 from layerlab.train import nrr
 
 # our run name -> the paper's method name
@@ -34,9 +35,16 @@ class PaperTable:
     note: str = ""
 
 
+def _at_checkpoint(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of a table over seeds at the checkpoint its figure shows (a one-checkpoint table as it is)."""
+    if "checkpoint" not in frame:
+        return frame
+    return frame[frame["checkpoint"] == shown_checkpoint(frame, column)]
+
+
 def _ours_table1(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     out = {}
-    for r in frame.to_dict("records"):
+    for r in _at_checkpoint(frame, "cw_inf").to_dict("records"):
         name = PAPER_NAMES.get(r["method"])
         if name:
             out[name] = {"natural": r["natural"], "pgd20": r["pgd20"], "cw": r["cw_inf"], "aa": r["aa"],
@@ -58,8 +66,8 @@ def _ours_table3(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
 def _ours_table7(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     names = {(False, False): "no RGP, no revision", (True, False): "RGP only", (False, True): "revision only",
              (True, True): "RGP + revision (CURE)"}
-    return {names[(bool(r["rgp"]), bool(r["revision"]))]: {"natural": r["natural_acc"], "pgd20": r["robust_acc"]}
-            for r in frame.to_dict("records")}
+    return {names[(bool(r["rgp"]), bool(r["revision"]))]: {"natural": r["natural"], "pgd20": r["pgd20"]}
+            for r in _at_checkpoint(frame, "pgd20").to_dict("records")}
 
 
 TABLES: dict[str, PaperTable] = {
@@ -72,7 +80,8 @@ TABLES: dict[str, PaperTable] = {
               "CURE": {"natural": 86.76, "pgd20": 54.92, "cw": 52.48, "aa": 49.69, "nrr_cw": 65.04}},
         ours_file="cure_table1_tradeoff.csv", ours=_ours_table1,
         note="The paper prints CURE's NRR as 65.04; its own natural and C&W numbers give 65.40. AWP and RWP "
-             "have no row in CURE's Table 1. Our C&W is CW-inf with 100 steps, our AA the standard AutoAttack."),
+             "have no row in CURE's Table 1. Our C&W is CW-inf with 100 steps, our AA the standard AutoAttack; ours "
+             "are means over the seeds in the table above, at the checkpoint the figure shows."),
     "overfitting": PaperTable(
         source="CURE Table 3, PreAct ResNet-18, CIFAR-10: best and last checkpoint, robust = AutoAttack",
         columns=("natural_best", "natural_last", "natural_delta", "robust_best", "robust_last", "robust_delta"),
@@ -85,8 +94,9 @@ TABLES: dict[str, PaperTable] = {
               "CURE": {"natural_best": 86.54, "natural_last": 86.54, "natural_delta": 0.00, "robust_best": 50.23,
                        "robust_last": 50.23, "robust_delta": 0.00}},
         ours_file="cure_table3_overfitting.csv", ours=_ours_table3,
-        note="delta = last - best. Our robust accuracy is the trainer's per-epoch PGD on the evaluation subset "
-             "(the paper: AutoAttack), and our best epoch is chosen on held-out validation data."),
+        note="delta = last - best. Our robust accuracy is the table's headline (the worst case over the evaluated "
+             "attacks, else AutoAttack, else PGD-20 on the test split; the paper: AutoAttack), our best epoch is "
+             "chosen on held-out validation data, and ours are means over the seeds in the table above."),
     "cure_ablation": PaperTable(
         source="CURE Table 7, ResNet-18, CIFAR-10",
         columns=("natural", "pgd20"),

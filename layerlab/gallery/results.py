@@ -1,5 +1,9 @@
 """The analyses the figures draw, each computed once and re-used while its settings match.
 
+Results that a paper claim rests on are read over every training seed of a run (``NAME``, ``NAME-s1``, ...,
+:func:`seed_runs`) and reported as mean and sample standard deviation (:func:`seed_table`), at the best-on-validation
+and the last checkpoint.
+
 Per-run results live in the run directory (``eval.json``, ``cka.json``, ``corruptions.csv``, ``lsc.csv``,
 ``removal_rate.csv``), so the explorer (:mod:`layerlab.explore`) finds them there; results that compare
 several runs live in ``RUN_ROOT/analysis/``. An analysis that needs a restored run's weights retrains the run
@@ -8,6 +12,8 @@ first (:func:`layerlab.records.materialize`), and its cost is logged (:func:`lay
 
 from __future__ import annotations
 
+import glob
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,8 +25,10 @@ from layerlab.analysis.cka import cka_run
 from layerlab.analysis.corruptions import CORRUPTIONS, corruptions_run
 from layerlab.analysis.lsc import epoch_checkpoints, mu_grid, recorded_epoch_checkpoints, lsc_run
 from layerlab.analysis.minimum import minpert_runs
-from layerlab.evaluation import evaluate_run
-from layerlab.gallery.runs import method_runs
+from layerlab.claims import Estimate
+from layerlab.evaluation import eval_file, evaluate_run
+from layerlab.experiments import group_of, seed_of
+from layerlab.gallery.runs import method_runs, summary
 from layerlab.gallery.settings import Context, PathMap
 from layerlab.records import is_record, materialize
 from layerlab.train import nrr
@@ -70,20 +78,147 @@ def evaluate_as_trained(ctx: Context, methods: Sequence[str], attacks: Sequence[
     return method_runs(ctx, methods)
 
 
-def tradeoff_table(ctx: Context, run_dirs: PathMap) -> pd.DataFrame:
-    """CURE Table 1: natural, PGD-20, CW-inf, AutoAttack and NRR (on the strongest attack run) per method."""
+CHECKPOINTS = ("best", "last")  # best on validation, last epoch
+# The headline robust accuracy of a table: the strongest measure every seed of every row has.
+ROBUST_ORDER = ("worst", "aa", "pgd20")
+ROBUST_NAMES = {"worst": "worst case", "aa": "AutoAttack", "pgd20": "PGD-20"}
+ACCURACIES = ("natural", "pgd20", "cw_inf", "aa")
+
+
+def seed_runs(run_dir: Path) -> list[Path]:
+    """A run and its finished seed siblings in the same run root (``NAME``, ``NAME-s1``, ``NAME-s2``, ...),
+    in seed order."""
+    run_dir = Path(run_dir)
+    siblings = [p for p in run_dir.parent.glob(f"{glob.escape(run_dir.name)}-s*")
+                if group_of(p.name) == run_dir.name and (p / "summary.json").exists()]
+    return [run_dir] + sorted(siblings, key=lambda p: seed_of(p.name))
+
+
+def checkpoint_accuracies(run_dir: Path, checkpoint: str, evaluated: bool = True) -> dict[str, Any]:
+    """Natural, PGD-20, CW-inf, AutoAttack and worst-case accuracy of one checkpoint, how many test images and
+    where from (``source``): the checkpoint's evaluation file where it has one (``eval.json``, ``eval-last.json``)
+    and ``evaluated``, else the trainer's natural and PGD-20 accuracy on its test split (``summary.json``);
+    missing numbers are None."""
+    path = Path(run_dir) / eval_file(checkpoint)
+    report = runs.read_json(path) if evaluated and path.exists() else {}
+    res = report.get("results", {})
+    if "natural" in res:
+        worst = report.get("worst_case", {}).get("linf")
+        cw = next((res[a]["accuracy"] for a in sorted(res) if a.startswith("cw")), None)
+        return {"natural": res["natural"]["accuracy"], "pgd20": res.get("pgd20", {}).get("accuracy"), "cw_inf": cw,
+                "aa": res.get("aa", {}).get("accuracy"), "n": report.get("n"), "source": path.name,
+                # a worst case over one attack is that attack: only several make it the headline
+                "worst": worst["accuracy"] if worst and len(set(worst["attacks"]) - {"natural"}) > 1 else None}
+    s = summary(run_dir)
+    part = s if checkpoint == "last" else s.get("best", {})
+    return {"natural": part.get("natural_acc"), "pgd20": part.get("robust_acc"), "cw_inf": None, "aa": None,
+            "worst": None, "n": part.get("n_test", s.get("n_test")), "source": "summary.json"}
+
+
+def alike_accuracies(seeds: Sequence[Path], checkpoint: str) -> list[dict[str, Any]]:
+    """One checkpoint's accuracies (:func:`checkpoint_accuracies`) of several seeds of a run, measured alike: from
+    their evaluation files if every seed has one on as many images, else all from the trainer's test split."""
+    found = [checkpoint_accuracies(m, checkpoint) for m in seeds]
+    if len({(a["source"], a["n"]) for a in found}) > 1:
+        found = [checkpoint_accuracies(m, checkpoint, evaluated=False) for m in seeds]
+    return found
+
+
+def paired_accuracies(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The best-on-validation and last checkpoint's accuracies (:func:`checkpoint_accuracies`) on the same test
+    images, so their difference is the checkpoints': both from evaluation files on as many images, else both from
+    the trainer's test split."""
+    found = {c: checkpoint_accuracies(run_dir, c) for c in CHECKPOINTS}
+    if len({a["n"] for a in found.values()}) > 1 or len({a["source"] == "summary.json" for a in found.values()}) > 1:
+        found = {c: checkpoint_accuracies(run_dir, c, evaluated=False) for c in CHECKPOINTS}
+    return found
+
+
+def _estimate(values: Sequence[float]) -> Estimate:
+    return Estimate(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def _images(accuracies: Sequence[dict[str, Any]]) -> str:
+    """The test-image counts behind some accuracies (``1000``, or ``500/1000`` when they differ)."""
+    return "/".join(str(n) for n in sorted({a["n"] for a in accuracies}, key=lambda n: (n is None, n or 0)))
+
+
+def _put(row: dict[str, Any], name: str, values: Sequence[float | None]) -> None:
+    """``name`` (mean) and ``name_std`` (sample std; NaN for one seed) over the seeds; NaN unless every seed has
+    the number."""
+    row[name] = row[f"{name}_std"] = float("nan")
+    if values and all(v is not None for v in values):
+        est = _estimate([float(v) for v in values])
+        row[name] = est.mean
+        if est.n > 1:
+            row[f"{name}_std"] = est.std
+
+
+def seed_table(run_dirs: dict[str, Path], checkpoints: Sequence[str] = CHECKPOINTS) -> pd.DataFrame:
+    """One row per label and checkpoint: mean and sample std (``COL_std``) over the label's seeds
+    (:func:`seed_runs`) of natural, PGD-20, CW-inf and AutoAttack accuracy (NaN unless every seed has it), of the
+    headline robust accuracy ``robust`` and of NRR and SUM (natural + robust, CURE Table 8) on it; with the seeds and the test images per seed.
+
+    A row's seeds are measured alike (:func:`alike_accuracies`); ``robust`` is one measure for the whole table at a
+    checkpoint, so its rows compare: the worst case over the evaluated attacks if every seed of every label has it,
+    else AutoAttack, else PGD-20 (``robust_attack``)."""
+    members = {label: seed_runs(run_dir) for label, run_dir in run_dirs.items()}
+    acc = {(label, c): alike_accuracies(runs_, c) for label, runs_ in members.items() for c in checkpoints}
+    keys = {c: next((k for k in ROBUST_ORDER if all(a[k] is not None for label in members for a in acc[label, c])),
+                    None) for c in checkpoints}
     rows = []
+    for (label, checkpoint), seeds in acc.items():
+        key = keys[checkpoint]
+        row: dict[str, Any] = {"method": label, "checkpoint": checkpoint}
+        for col in ACCURACIES:
+            _put(row, col, [a[col] for a in seeds])
+        _put(row, "robust", [a[key] for a in seeds] if key else [])
+        _put(row, "nrr", [nrr(a["natural"], a[key]) for a in seeds] if key else [])
+        _put(row, "sum", [a["natural"] + a[key] for a in seeds] if key else [])  # CURE Table 8, beside NRR
+        row.update({"robust_attack": ROBUST_NAMES.get(key, ""), "n_seeds": len(seeds),
+                    "seeds": " ".join(str(seed_of(m.name)) for m in members[label]),
+                    "n_images": _images(seeds)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tradeoff_table(ctx: Context, run_dirs: PathMap) -> pd.DataFrame:
+    """CURE Table 1 over seeds (:func:`seed_table`): natural, PGD-20, CW-inf, AutoAttack, the headline robust
+    accuracy and NRR per method and checkpoint; the gallery's own runs are evaluated first (best checkpoint)."""
     for run in run_dirs.values():
-        rep = evaluated(ctx, run, ctx.s.attacks)
-        res = rep["results"]
-        acc = {a: res[a]["accuracy"] for a in ctx.s.attacks if a in res}
-        cw = next((a for a in ctx.s.attacks if a.startswith("cw")), None)
-        robust_attack = "aa" if "aa" in acc else "pgd20"
-        rows.append({"method": run.name, "natural": acc["natural"], "pgd20": acc.get("pgd20"),
-                     "cw_inf": acc.get(cw) if cw else None, "aa": acc.get("aa"),
-                     "robust": acc[robust_attack], "robust_attack": {"aa": "AutoAttack"}.get(robust_attack, "PGD-20"),
-                     "worst_linf": rep["worst_case"]["linf"]["accuracy"],
-                     "nrr": nrr(acc["natural"], acc[robust_attack]), "n": rep["n"]})
+        evaluated(ctx, run, ctx.s.attacks)
+    return seed_table({run.name: run for run in run_dirs.values()})
+
+
+def shown_checkpoint(table: pd.DataFrame, column: str) -> str:
+    """The checkpoint a figure shows: ``last`` when every row of it has ``column``, else ``best`` (the
+    checkpoint the gallery evaluates itself)."""
+    last = table[table["checkpoint"] == "last"]
+    return "last" if len(last) and last[column].notna().all() else "best"
+
+
+def overfitting_seed_table(run_dirs: dict[str, Path]) -> pd.DataFrame:
+    """CURE Table 3 over seeds: best-on-validation and last natural and robust accuracy and last - best
+    (``delta_*``, per seed on the same test images (:func:`paired_accuracies`), then mean and std), one row per
+    run; the robust measure is one for the whole table (as in :func:`seed_table`, over both checkpoints)."""
+    members = {label: seed_runs(run_dir) for label, run_dir in run_dirs.items()}
+    paired = {label: [paired_accuracies(m) for m in runs_] for label, runs_ in members.items()}
+    acc = {label: {c: [p[c] for p in pairs] for c in CHECKPOINTS} for label, pairs in paired.items()}
+    key = next((k for k in ROBUST_ORDER if all(a[k] is not None for by_ckpt in acc.values()
+                                               for seeds in by_ckpt.values() for a in seeds)), "pgd20")
+    rows = []
+    for label, by_ckpt in acc.items():
+        row: dict[str, Any] = {"run": label}
+        for short, col in (("nat", "natural"), ("rob", key)):
+            best, last = by_ckpt["best"], by_ckpt["last"]
+            _put(row, f"best_{short}", [a[col] for a in best])
+            _put(row, f"last_{short}", [a[col] for a in last])
+            _put(row, f"delta_{short}", [None if None in (b[col], e[col]) else e[col] - b[col]
+                                         for b, e in zip(best, last)])
+        row.update({"robust_attack": ROBUST_NAMES[key], "selected_on": "val", "n_seeds": len(members[label]),
+                    "seeds": " ".join(str(seed_of(m.name)) for m in members[label]),
+                    "n_images": _images([a for seeds in by_ckpt.values() for a in seeds])})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -9,7 +9,8 @@
 * ``RWP-cmin1/ RWP-k1/ ...``: RWP's c_min and K2 sweeps (the default values are ``RWP/`` itself).
 * ``analysis/``: results that compare several runs (minimum perturbations, attributions).
 
-Finished runs with the same config are never retrained; interrupted ones are resumed.
+Finished runs with the same config are never retrained; interrupted ones are resumed. Inside
+:func:`layerlab.records.records_only` a run the root does not hold finished is an error, not a training job.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from typing import Any, Iterable, Sequence
 
 from layerlab import runs
 from layerlab.gallery.settings import Context, PathMap
-from layerlab.study import NEEDS_ST_INIT, method_run_name, run_freeze_study, run_method_comparison, run_or_reuse
+from layerlab.records import require_training
+from layerlab.study import (
+    NEEDS_ST_INIT,
+    method_run_name,
+    run_freeze_study,
+    run_method_comparison,
+    run_or_reuse,
+    spec_run_name,
+)
 from layerlab.train import splits_for
 
 
@@ -29,6 +38,8 @@ def method_runs(ctx: Context, methods: Iterable[str]) -> PathMap:
     Returns ``{method: run directory}``.
     """
     methods = list(dict.fromkeys(methods))
+    _finished_or_trainable(ctx, [method_run_name(m) for m in methods]
+                           + ([method_run_name("st")] if any(m in NEEDS_ST_INIT for m in methods) else []))
     run_method_comparison(ctx.cfg, methods, ctx.root, progress=ctx.progress, st_epochs=ctx.s.st_epochs)
     if any(m in NEEDS_ST_INIT for m in methods):
         ctx.use({"st": ctx.root / method_run_name("st")})  # trained for them, read by them
@@ -52,6 +63,7 @@ def freeze_runs(ctx: Context, reinit: bool = True, specs: Sequence[str] | None =
     if specs is None:
         specs = ctx.s.specs if reinit else ctx.s.noreinit_specs
     method_runs(ctx, ["st", "at"])  # AT with its per-epoch checkpoints; the study then re-uses ST and AT
+    _finished_or_trainable(ctx, [spec_run_name(spec, reinit) for spec in specs])
     rows = run_freeze_study(ctx.cfg, ",".join(specs), ctx.root, method="at", reinit=reinit, sat=True,
                             progress=ctx.progress, st_epochs=ctx.s.st_epochs)
     found = {r["run"]: Path(r["dir"]) for r in rows}
@@ -63,11 +75,20 @@ def variant_runs(ctx: Context, method: str, variants: dict[str, dict[str, Any]],
                  init: str | None = None) -> PathMap:
     """Runs of ``method`` with other hyper-parameters (``{run name: method args}``) under the shared config."""
     todo = {name: args for name, args in variants.items() if not (ctx.root / name / "summary.json").exists()}
+    _finished_or_trainable(ctx, todo)
     splits = splits_for(ctx.cfg) if todo else None
     for name, args in variants.items():
         cfg = ctx.cfg.replace(method=method, method_args=dict(args), init=init)
         run_or_reuse(cfg, ctx.root / name, overwrite=False, progress=ctx.progress, splits=splits)
     return ctx.use({name: ctx.root / name for name in variants})
+
+
+def _finished_or_trainable(ctx: Context, names: Iterable[str]) -> None:
+    """Refuse (inside :func:`layerlab.records.records_only`) before training any of the runs ``names`` that the run
+    root does not hold finished."""
+    for name in names:
+        if not (ctx.root / name / "summary.json").exists():
+            require_training(f"run {name}")
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

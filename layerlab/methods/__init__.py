@@ -14,16 +14,18 @@ import inspect
 import json
 from typing import Any, Callable
 
-from layerlab.methods import cure, objectives, perturbation
+from layerlab.methods import cure, objectives, perturbation, removal
 from layerlab.methods.base import AttackSettings, Component, Method, Objective, Outputs, StepContext  # noqa: F401
 
 MethodFactory = Callable[..., Method]
 
 # name -> (factory, one-line description)
-METHODS: dict[str, tuple[MethodFactory, str]] = {**objectives.METHODS, **cure.METHODS, **perturbation.METHODS}
+METHODS: dict[str, tuple[MethodFactory, str]] = {**objectives.METHODS, **cure.METHODS, **perturbation.METHODS,
+                                                 **removal.METHODS}
 
 # preset name -> (method, method_args, config overrides, description). Hyper-parameters from the papers.
-PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {**objectives.PRESETS, **cure.PRESETS, **perturbation.PRESETS}
+PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {**objectives.PRESETS, **cure.PRESETS,
+                                                                      **perturbation.PRESETS, **removal.PRESETS}
 
 
 def build_method(name: str, args: dict[str, Any] | None = None) -> Method:

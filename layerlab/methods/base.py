@@ -93,6 +93,10 @@ class Objective:
         """Per-example loss on adversarial examples, used by weight perturbation (AWP/RWP)."""
         return F.cross_entropy(model(x_adv), y, reduction="none")
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Numbers of the epoch being trained that belong in its ``metrics.jsonl`` row (read after its last step)."""
+        return {}
+
     def hparams(self) -> dict[str, Any]:
         return {}
 
@@ -189,6 +193,10 @@ class Method:
         for c in self.components:
             if c.name in state:
                 c.load_state_dict(state[c.name])
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The objective's numbers of the epoch just trained (see :meth:`Objective.epoch_stats`)."""
+        return self.objective.epoch_stats()
 
     def hparams(self) -> dict[str, Any]:
         params = {"objective": self.objective.name, **self.objective.hparams()}

@@ -13,6 +13,8 @@ differ only in how v is built, which one engine (:class:`WeightPerturbation`) co
   and v is rescaled onto the sphere ``||v|| = gamma * ||w||`` after every step. As in the
   reference ``add_into_diff``, that norm is taken over *all* perturbed weights together
   (``scope="model"``); ``scope="layer"`` rescales each layer instead, like AWP.
+* **AWP on a loss range** (RWP, Fig. 1c): AWP's single step on only the examples whose adversarial loss lies
+  in ``[loss_lo, loss_hi)`` (``AWP(loss_lo=..., loss_hi=...)``), the selection and masked mean of RWP's steps.
 
 Reference details kept: only weight tensors of dimension > 1 (conv / linear) are perturbed; the
 selection is strict (``loss < c_min``), the selected losses are summed and divided by the whole
@@ -122,15 +124,15 @@ class WeightPerturbation(Component):
     """Perturb the weights to w + v for the training step and restore them after the optimizer step.
 
     v ascends the objective's per-example adversarial loss (``Objective.adv_loss``) for up to
-    ``steps`` proxy-SGD steps (lr ``proxy_lr``), on the examples with loss < ``c_min`` (all of them
-    when ``c_min`` is None), and is rescaled to ``||v|| = gamma * ||w||`` per ``scope`` after each
+    ``steps`` proxy-SGD steps (lr ``proxy_lr``), on the examples with ``c_low <= loss < c_min`` (a bound
+    that is None does not select), and is rescaled to ``||v|| = gamma * ||w||`` per ``scope`` after each
     step. No perturbation before epoch ``warmup_epochs`` (0-based, as ``epoch >= awp_warmup``).
     """
 
     name = "wp"
 
     def __init__(self, gamma: float, steps: int = 1, c_min: float | None = None, scope: str = "layer",
-                 warmup_epochs: int = 0, proxy_lr: float = 0.01):
+                 warmup_epochs: int = 0, proxy_lr: float = 0.01, c_low: float | None = None):
         if gamma < 0 or not math.isfinite(gamma):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
         if steps < 1:
@@ -144,6 +146,7 @@ class WeightPerturbation(Component):
         self.gamma = float(gamma)
         self.steps = int(steps)
         self.c_min = None if c_min is None else float(c_min)
+        self.c_low = None if c_low is None else float(c_low)
         self.scope = scope
         self.warmup_epochs = int(warmup_epochs)
         self.proxy_lr = float(proxy_lr)
@@ -182,10 +185,10 @@ class WeightPerturbation(Component):
                 leaves = {n: (torch.addcmul(w.detach(), direction[n], factors[n]) if direction else w.detach())
                           .requires_grad_(True) for n, w in weights.items()}
             losses = objective.adv_loss(_Substituted(model, {**buffers, **leaves}), x, x_adv, y)
-            if self.c_min is None:
+            if not self.selective:
                 loss, count = losses.sum() / batch, batch * distributed.world_size()
             else:
-                keep = losses.detach() < self.c_min
+                keep = self.selected(losses.detach())
                 loss = (losses[keep] if host else torch.where(keep, losses, 0.0)).sum() / batch
                 count_t = keep.sum()
                 distributed.all_reduce_sum_([count_t])  # every rank takes the same number of steps
@@ -202,9 +205,23 @@ class WeightPerturbation(Component):
                 for n, g in step.items():
                     direction[n].add_(g)
             factors = scale_factors(direction, norms, self.gamma, self.scope, scale=self.proxy_lr)
-            taken = taken + 1 if host or self.c_min is None else taken + (count > 0).long()
+            taken = taken + 1 if host or not self.selective else taken + (count > 0).long()
         v = {n: d * factors[n] for n, d in direction.items()}
         return v, taken, qualified
+
+    @property
+    def selective(self) -> bool:
+        """Whether v ascends on a loss-selected subset of the batch (a bound is set) rather than on all of it."""
+        return self.c_min is not None or self.c_low is not None
+
+    def selected(self, losses: Tensor) -> Tensor:
+        """The examples v ascends on: ``c_low <= loss < c_min`` (each bound only when set)."""
+        keep = torch.ones_like(losses, dtype=torch.bool)
+        if self.c_low is not None:
+            keep &= losses >= self.c_low
+        if self.c_min is not None:
+            keep &= losses < self.c_min
+        return keep
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -273,8 +290,8 @@ class WeightPerturbation(Component):
         self._totals = {k: int(state.get("totals", {}).get(k, 0)) for k in COUNTERS}
 
     def hparams(self) -> dict[str, Any]:
-        return {"gamma": self.gamma, "steps": self.steps, "c_min": self.c_min, "scope": self.scope,
-                "warmup_epochs": self.warmup_epochs, "proxy_lr": self.proxy_lr}
+        return {"gamma": self.gamma, "steps": self.steps, "c_min": self.c_min, "c_low": self.c_low,
+                "scope": self.scope, "warmup_epochs": self.warmup_epochs, "proxy_lr": self.proxy_lr}
 
 
 def _ints(counts: dict[str, int | Tensor]) -> dict[str, int]:
@@ -283,12 +300,23 @@ def _ints(counts: dict[str, int | Tensor]) -> dict[str, int]:
 
 
 class AWP(WeightPerturbation):
-    """AWP (Wu et al. 2020): one proxy step on the mean adversarial loss, ||v_l|| = gamma ||w_l|| per layer."""
+    """AWP (Wu et al. 2020): one proxy step on the mean adversarial loss, ||v_l|| = gamma ||w_l|| per layer.
+
+    ``loss_lo`` / ``loss_hi`` restrict the step to the examples whose adversarial loss lies in [loss_lo, loss_hi)
+    (RWP, Fig. 1c: weight perturbation generated from one LSC loss range); the others contribute nothing to v.
+    The default [0, inf) is plain AWP. A batch with no example in the range is not perturbed. As in RWP's
+    selection, the whole batch is forwarded (in train mode) and the loss masked, so examples outside the range
+    still enter BatchNorm's batch statistics."""
 
     name = "awp"
 
-    def __init__(self, gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01):
-        super().__init__(gamma, steps=1, c_min=None, scope="layer", warmup_epochs=warmup_epochs, proxy_lr=proxy_lr)
+    def __init__(self, gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01, loss_lo: float = 0.0,
+                 loss_hi: float = math.inf):
+        if math.isnan(loss_lo) or math.isnan(loss_hi) or not 0.0 <= loss_lo < loss_hi:
+            raise ValueError(f"the AWP loss range needs 0 <= loss_lo < loss_hi (loss_hi may be inf), "
+                             f"got [{loss_lo}, {loss_hi})")
+        super().__init__(gamma, steps=1, c_min=None if math.isinf(loss_hi) else loss_hi, scope="layer",
+                         warmup_epochs=warmup_epochs, proxy_lr=proxy_lr, c_low=loss_lo if loss_lo > 0 else None)
 
 
 class RWP(WeightPerturbation):
@@ -304,8 +332,9 @@ class RWP(WeightPerturbation):
                          proxy_lr=proxy_lr)
 
 
-def _awp(gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:
-    return Method("awp", PGDAT(), [AWP(gamma, warmup_epochs, proxy_lr)])
+def _awp(gamma: float = 0.01, warmup_epochs: int = 0, proxy_lr: float = 0.01, loss_lo: float = 0.0,
+         loss_hi: float = math.inf) -> Method:
+    return Method("awp", PGDAT(), [AWP(gamma, warmup_epochs, proxy_lr, loss_lo, loss_hi)])
 
 
 def _trades_awp(beta: float = 6.0, gamma: float = 0.005, warmup_epochs: int = 0, proxy_lr: float = 0.01) -> Method:

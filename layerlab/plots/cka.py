@@ -48,8 +48,9 @@ def draw_cka(ax, rows: Sequence[str], cols: Sequence[str], matrix: np.ndarray, *
     ax.tick_params(axis="y", rotation=0)
 
 
-def plot_cka(json_path: str | Path, png_path: str | Path) -> Path:
-    """Heatmap of the CKA matrix in ``json_path`` (rows: ``rows``, columns: ``cols``; null = NaN)."""
+def plot_cka(json_path: str | Path, png_path: str | Path, label: str | None = None) -> Path:
+    """Heatmap of the CKA matrix in ``json_path`` (rows: ``rows``, columns: ``cols``; null = NaN) of model
+    ``label`` (named in the title)."""
     data = json.loads(Path(json_path).read_text())
     rows, cols, matrix = cka_view(data)
     side = max(len(rows), len(cols))
@@ -59,7 +60,7 @@ def plot_cka(json_path: str | Path, png_path: str | Path) -> Path:
     draw_cka(ax, rows, cols, matrix, annot=side <= ANNOTATE_MAX)
     ax.set_ylabel(data.get("row_label", "rows"))
     ax.set_xlabel(data.get("col_label", "columns"))
-    ax.set_title(_title(data))
+    ax.set_title(f"{label}: {_title(data)}" if label else _title(data))
     return save(fig, png_path)
 
 

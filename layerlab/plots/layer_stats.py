@@ -1,5 +1,6 @@
-"""CURE Fig. 6a/6b/10 views from ``layer_stats.jsonl`` only: mean gradient per block over training, and
-the percentage of weights updated per layer in the initial / middle / final phase of training."""
+"""CURE Fig. 6a/6b views from ``layer_stats.jsonl`` only: mean gradient per block over training, and
+the percentage of weights updated per layer in the initial / middle / final phase of training (per step, and at
+least once per epoch)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from typing import Any
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from layerlab.analysis.layer_stats import PHASES, block_gradients, read_layer_stats, updated_by_phase
+from layerlab.analysis.layer_stats import (
+    PHASES,
+    UPDATED_VIEWS,
+    block_gradients,
+    read_layer_stats,
+    updated_by_phase,
+)
 from layerlab.plots.style import new_figure, save
 
 
@@ -39,20 +46,34 @@ def plot_block_gradient_panels(stats: dict[str, Any], path: str | Path) -> Path:
     return save(fig, path)
 
 
-def plot_updated_by_phase(stats, path: str | Path, weights_only: bool = True) -> Path:
-    """Bars per layer (conv/linear weights in forward order), one colour per phase: percent of entries updated."""
-    data = updated_by_phase(stats, weights_only=weights_only)
+def draw_updated_by_phase(stats, ax, view: str = "per_step", weights_only: bool = True, title: str = "") -> None:
+    """Bars per layer (conv/linear weights in forward order), one colour per phase: the percent of entries
+    updated in ``view`` (:data:`~layerlab.analysis.layer_stats.UPDATED_VIEWS`)."""
+    data = updated_by_phase(stats, weights_only=weights_only, view=view)
     phases = [p for p in PHASES if p in set(data["phase"])]
-    layers = data["layer"].nunique()
-    fig, axes = new_figure(width=max(6.0, 0.35 * layers + 2), height=3.8)
-    ax = axes[0, 0]
     sns.barplot(data=data, x="layer", y="updated_percent", hue="phase", hue_order=phases, ax=ax)
     names = data.drop_duplicates("layer").sort_values("layer")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{i + 1} {b}" for i, b in enumerate(names["block"])], rotation=90, fontsize="x-small")
-    ax.set(xlabel="layer (forward order) and block", ylabel="weights updated per step (%)", ylim=(0, 105),
-           title="Weights updated per layer")
-    ax.legend(title="phase", fontsize="small", loc="lower left")
+    ax.set(xlabel="layer (forward order) and block", ylabel=UPDATED_VIEWS[view][1], ylim=(0, 105), title=title)
+    ax.legend(title="phase", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_updated_by_phase(stats, path: str | Path, label: str = "run", weights_only: bool = True) -> Path:
+    """Weights updated per layer and phase of run ``label``: the share a step changes and, where the run
+    recorded it, the share changed at least once per epoch (which tells a mask that keeps the same entries every
+    step from one whose entries move)."""
+    views = [v for v in UPDATED_VIEWS if UPDATED_VIEWS[v][0] in stats]
+    layers = stats[stats["shape"].map(len) > 1]["param"].nunique() if weights_only else stats["param"].nunique()
+    fig, axes = new_figure(nrows=len(views), width=max(6.0, 0.35 * layers + 2), height=3.6)
+    for ax, view in zip(axes[:, 0], views):
+        draw_updated_by_phase(stats, ax, view, weights_only, title=f"{label}: {UPDATED_VIEWS[view][1]}")
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")  # one x label, under the bottom panel
+    if len(views) == 1:
+        axes[0, 0].set_title(axes[0, 0].get_title() + "\n(the at-least-once view needs a run trained with it "
+                             "recorded)", fontsize="small")
+    fig.tight_layout()
     return save(fig, path)
 
 

@@ -1,4 +1,6 @@
-"""RWP Fig. 2 / appendix Fig. 4 views from ``lsc.csv`` and ``removal_rate.csv`` only."""
+"""RWP Fig. 2 (loss landscapes per LSC group) from ``lsc.csv``, and the share of training adversarial examples
+with loss below c_min over training from ``removal_rate.csv`` (an extension: the paper's appendix Fig. 4 shows
+the removal rate of AT that drops those examples, which these runs do not)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from matplotlib.ticker import MaxNLocator
 from layerlab.plots.style import new_figure, save
 
 
-def draw_lsc_landscape(part: pd.DataFrame, ax, title: str) -> None:
+def draw_lsc_landscape(part: pd.DataFrame, ax, title: str, legend: bool = True) -> None:
     """One checkpoint's rows of an ``lsc.csv``: a curve per LSC group, loss against mu, mean over directions
-    (band: min-max over directions)."""
+    (band: min-max over directions); ``legend``: with the groups' legend inside the axes."""
     groups = part.drop_duplicates("group").sort_values("group_lo")["group"].tolist()
     colours = dict(zip(groups, sns.color_palette("viridis", len(groups))))
     stats = part.groupby(["group", "mu"])["loss"].agg(["mean", "min", "max"]).reset_index()
@@ -23,11 +25,12 @@ def draw_lsc_landscape(part: pd.DataFrame, ax, title: str) -> None:
         ax.plot(line["mu"], line["mean"], color=colours[group], label=f"{group} (n={sizes[group]})")
         ax.fill_between(line["mu"], line["min"], line["max"], color=colours[group], alpha=0.15, linewidth=0)
     ax.set(xlabel="μ (filter-normalized direction)", ylabel="adversarial loss g_j(μ)", title=title)
-    ax.legend(title="LSC group", fontsize="x-small", title_fontsize="small")
+    if legend:
+        ax.legend(title="LSC group", fontsize="x-small", title_fontsize="small")
 
 
-def plot_lsc(csv_path: str | Path, path: str | Path) -> Path:
-    """RWP Fig. 2: one panel per checkpoint of an ``lsc.csv``."""
+def plot_lsc(csv_path: str | Path, path: str | Path, label: str | None = None) -> Path:
+    """RWP Fig. 2: one panel per checkpoint of an ``lsc.csv`` of run ``label``, one legend beside them."""
     df = pd.read_csv(csv_path)
     if df.empty:
         raise ValueError(f"{csv_path} has no rows")
@@ -36,7 +39,14 @@ def plot_lsc(csv_path: str | Path, path: str | Path) -> Path:
     for ax, name in zip(axes[0], checkpoints):
         part = df[df["checkpoint"] == name]
         epoch = part["epoch"].iloc[0]
-        draw_lsc_landscape(part, ax, f"{name}" + (f" (epoch {int(epoch)})" if pd.notna(epoch) else ""))
+        draw_lsc_landscape(part, ax, f"{name}" + (f" (epoch {int(epoch)})" if pd.notna(epoch) else ""),
+                           legend=False)
+    for ax in axes[0, 1:]:
+        ax.set_ylabel("")
+    axes[0, -1].legend(title="LSC group (n: rightmost panel)", fontsize="x-small", title_fontsize="small",
+                       loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if label:
+        fig.suptitle(f"{label}: adversarial loss landscape per LSC group", fontsize="medium", y=1.03)
     return save(fig, path)
 
 
@@ -64,11 +74,13 @@ def plot_removal_rate(csv_path: str | Path, path: str | Path) -> Path:
 
 
 def plot_removal_rates(csvs: dict[str, str | Path], path: str | Path) -> Path:
-    """RWP Fig. 1b: the removal rate over training, one line per run (``label -> removal_rate.csv``)."""
+    """The share of training adversarial examples with loss below c_min over training, one line per run
+    (``label -> removal_rate.csv``); an extension, not a figure of the paper."""
     fig, axes = new_figure(width=5.0, height=3.6)
     ax = axes[0, 0]
     for label, csv in csvs.items():
         draw_removal_rate(pd.read_csv(csv), ax, label)
-    ax.set_title("Small-loss adversarial examples")
+    ax.set_title(f"{', '.join(csvs)}: small-loss adversarial examples\n(extension, not a paper figure)",
+                 fontsize="medium")
     ax.legend(fontsize="small")
     return save(fig, path)

@@ -38,10 +38,10 @@ def plot_corruptions(csv: str | Path, out: str | Path, title: str | None = None)
         ax.set_xlabel("severity")
         ax.set_xticks(sorted(part["severity"].unique()))
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     axes[0][0].set_ylabel("accuracy (%)")
     if title:
-        fig.suptitle(title, y=1.04)
+        fig.suptitle(f"{title}: accuracy under each corruption", y=1.04)
     return save(fig, out)
 
 
@@ -63,7 +63,8 @@ def plot_corruption_groups(csvs: Mapping[str, str | Path], out: str | Path) -> P
         ax.set_xlabel("severity")
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("mean accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{', '.join(csvs)}: mean accuracy per corruption group", y=1.04)
     return save(fig, out)
 
 
@@ -80,6 +81,7 @@ def plot_eps_sweep(evals: Mapping[str, str | Path], out: str | Path) -> Path:
     ax.set_xlabel("eps (x 1/255)")
     ax.set_ylabel("PGD-20 accuracy (%)")
     ax.set_ylim(0, 100)
+    ax.set_title(f"{', '.join(evals)}: PGD-20 against eps", fontsize="medium")
     ax.legend(fontsize=8)
     return save(fig, out)
 
@@ -131,8 +133,9 @@ def _heat(ax, amap: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def plot_attributions(json_path: str | Path, out: str | Path, npz_path: str | Path | None = None) -> Path:
-    """Grid: clean images, then per model a saliency row and an integrated-gradients row."""
+def plot_attributions(json_path: str | Path, out: str | Path, npz_path: str | Path | None = None,
+                      title: str | None = None) -> Path:
+    """Grid: clean images, then per model a saliency row and an integrated-gradients row (``title`` above)."""
     info = _read_json(json_path)
     arrays = np.load(npz_path or Path(json_path).with_suffix(".npz"))
     clean, models = arrays["clean"], info["models"]
@@ -148,11 +151,15 @@ def plot_attributions(json_path: str | Path, out: str | Path, npz_path: str | Pa
             for j in range(cols):
                 _heat(axes[row][j], maps[j])
             axes[row][0].set_ylabel(f"{model['name']}\n{'saliency' if kind == 'saliency' else 'IG'}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save(fig, out)
 
 
-def plot_block_attributions(json_path: str | Path, out: str | Path, stat: str = "share") -> Path:
-    """Bars: per-block layer-attribution statistic (default: share of the absolute mass) for each model."""
+def plot_block_attributions(json_path: str | Path, out: str | Path, stat: str = "share",
+                            note: str = "") -> Path:
+    """Bars: per-block layer-attribution statistic (default: share of the absolute mass) for each model; ``note``
+    is added to the title."""
     info = _read_json(json_path)
     models = info["models"]
     blocks: Sequence[str] = info.get("block_order") or list(models[0]["blocks"])
@@ -166,6 +173,6 @@ def plot_block_attributions(json_path: str | Path, out: str | Path, stat: str = 
     ax.set_xticks(np.arange(len(blocks)))
     ax.set_xticklabels(blocks)
     ax.set_ylabel({"share": "share of |attribution| mass"}.get(stat, stat))
-    ax.set_title(f"layer attributions ({info['layer_method']})")
-    ax.legend(fontsize=8)
+    ax.set_title(f"layer attributions ({info['layer_method']}){note}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save(fig, out)

@@ -1,0 +1,96 @@
+"""Figures of the named experiments (:mod:`layerlab.experiments`): every point and bar is a mean over training seeds
+with the sample standard deviation as its error bar, and the number of seeds is written on the figure.
+
+The inputs are the experiments' own tables: the per-group summary (``NAME.csv``: ``METRIC_mean``, ``METRIC_std``,
+``n_seeds`` per group) and the per-epoch curves of every run (``NAME-curves.csv``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from layerlab.plots.style import new_figure, save
+
+LABELS = {"best_robust": "PGD-20, best checkpoint", "last_robust": "PGD-20, last checkpoint",
+          "best_worst": "worst case, best checkpoint", "last_worst": "worst case, last checkpoint",
+          "best_natural": "natural, best checkpoint", "last_natural": "natural, last checkpoint"}
+
+
+def present(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """The ``metrics`` the summary table has a mean for in at least one group."""
+    return [m for m in metrics if f"{m}_mean" in table and table[f"{m}_mean"].notna().any()]
+
+
+def _seeds_note(table: pd.DataFrame) -> str:
+    counts = sorted(set(int(n) for n in table["n_seeds"]))
+    return "mean ± std over " + "/".join(map(str, counts)) + " seeds"
+
+
+def draw_sweep(table: pd.DataFrame, x: str, metrics: Sequence[str], ax, xlabel: str) -> None:
+    """One line per metric against the numeric column ``x``, with standard-deviation error bars."""
+    part = table.sort_values(x)
+    for metric in present(part, metrics):
+        ax.errorbar(part[x], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0.0), marker="o", capsize=3,
+                    label=LABELS.get(metric, metric))
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    ax.legend(fontsize="small", loc="best")
+
+
+def plot_sweep(table: pd.DataFrame, x: str, metrics: Sequence[str], path: str | Path, *, xlabel: str,
+               title: str) -> Path:
+    fig, axes = new_figure(width=5.0)
+    draw_sweep(table, x, metrics, axes[0, 0], xlabel)
+    axes[0, 0].set_title(f"{title}\n({_seeds_note(table)})", fontsize="medium")
+    return save(fig, path)
+
+
+def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax) -> None:
+    """Grouped bars (one group of bars per experiment group) with standard-deviation error bars."""
+    metrics = present(table, metrics)
+    x = np.arange(len(table))
+    width = 0.8 / max(1, len(metrics))
+    for k, metric in enumerate(metrics):
+        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, table[f"{metric}_mean"], width=width,
+               yerr=table[f"{metric}_std"].fillna(0.0), capsize=3, label=LABELS.get(metric, metric))
+    ax.set_xticks(x)
+    ax.set_xticklabels(table["group"], rotation=30, ha="right")
+    ax.set(ylabel="test accuracy (%)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def plot_group_bars(table: pd.DataFrame, metrics: Sequence[str], path: str | Path, *, title: str) -> Path:
+    fig, axes = new_figure(width=max(5.0, 0.9 * len(table) + 2.0))
+    draw_group_bars(table, metrics, axes[0, 0])
+    axes[0, 0].set_title(f"{title}\n({_seeds_note(table)})", fontsize="medium")
+    return save(fig, path)
+
+
+def draw_epoch_means(curves: pd.DataFrame, column: str, ax, ylabel: str) -> None:
+    """Per group: the mean of ``column`` over seeds at each epoch, a band of one standard deviation around it."""
+    for group, part in curves.dropna(subset=[column]).groupby("group", sort=False):
+        stats = part.groupby("epoch")[column].agg(["mean", "std", "count"])
+        n = int(stats["count"].max())
+        line, = ax.plot(stats.index, stats["mean"], label=f"{group} (n={n})")
+        ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0.0), stats["mean"] + stats["std"].fillna(0.0),
+                        color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=ylabel)
+    ax.legend(fontsize="small", loc="best")
+
+
+def plot_curves_and_removal(curves: pd.DataFrame, path: str | Path, *, title: str) -> Path:
+    """Test robust accuracy per epoch for every group and, beside it, the removal rate of the groups that record one."""
+    fig, axes = new_figure(ncols=2, width=5.5)
+    fig.subplots_adjust(wspace=0.35)
+    draw_epoch_means(curves, "robust_acc", axes[0, 0], "test PGD accuracy (%)")
+    axes[0, 0].set_title(f"{title}\n(mean ± std over seeds)", fontsize="medium")
+    if "removal_rate" in curves and curves["removal_rate"].notna().any():
+        removal = curves.assign(removal_rate=100.0 * curves["removal_rate"])
+        draw_epoch_means(removal, "removal_rate", axes[0, 1], "training examples removed (%)")
+        axes[0, 1].set_title("removal rate (loss below c_min)", fontsize="medium")
+    else:
+        axes[0, 1].set_axis_off()
+    return save(fig, path)
