@@ -23,7 +23,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -196,8 +196,7 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
               normalize: str | tuple[Sequence[float], Sequence[float]] | None = None,
               corruptions: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES,
               cifar10c: str | Path | None = None, batch_size: int = 256, seed: int = 0, device: str = "auto",
-              out: str | Path | None = None, overwrite: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              out: str | Path | None = None, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
     """Accuracy of any model under the named attacks on the first ``n`` test images of ``dataset``; written to
     ``OUT/eval.json`` (the layout of a run's, with the model, weights and normalization in the header).
 
@@ -205,7 +204,7 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     ``corruptions`` (names or groups, e.g. ``["all"]``) adds CIFAR-10-C accuracies at ``severities`` on the same
     images: read from the published files in ``cifar10c`` when given (all 15 unless ``corruptions`` says
     otherwise), else generated with ``seed``; they go to ``OUT/corruptions.{csv,png}`` and their source and mean
-    to ``eval.json``.
+    to ``eval.json``. ``progress``: bars over the attacks, each attack's batches and the corruptions.
     """
     # refuse bad input before any work
     if out is not None and Path(out).exists() and not Path(out).is_dir():

@@ -28,12 +28,14 @@ from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evalu
 from layerlab.gallery import GROUPS, redraw, verify, write_readme
 from layerlab.gallery import reproduce as run_all
 from layerlab.gallery.settings import group_of
+from layerlab.loggers import LOGGERS, loggers
 from layerlab.methods import METHODS, PRESETS, resolve_method
 from layerlab.methods.perturbation import C_MIN
 from layerlab.options import UNITS_HELP, ConfigArgs, config_options, switch
 from layerlab.plots.cka import plot_cka
 from layerlab.plots.layer_stats import plot_grads
 from layerlab.plots.robustness import plot_eps_sweep
+from layerlab.progress import note
 from layerlab.records import NotRecorded, export_records, restore_records
 from layerlab.study import run_freeze_study, run_method_comparison
 from layerlab.system import tune_cpu_allocator
@@ -114,11 +116,15 @@ def train(
                                          "the --config file's, else at)"),
     preset: Optional[str] = typer.Option(None, help="a named hyper-parameter preset (`layerlab presets`)"),
     arg: list[str] = typer.Option([], "--arg", help="method hyper-parameter KEY=VALUE (repeatable)"),
+    logger: list[str] = typer.Option([], "--logger", metavar="NAME", help=(
+        "log each epoch's metrics and per-block gradient / update statistics (repeatable): "
+        + "; ".join(f"{name}: {doc}" for name, (_, doc) in LOGGERS.items()))),
     overwrite: bool = OverwriteOpt, resume: bool = ResumeOpt, progress: bool = ProgressOpt,
     config: ConfigArgs = None,
 ) -> None:
     """Train one model with one method and write its run directory (on several GPUs under torchrun)."""
     try:
+        callbacks = loggers(logger)
         saved = trainer.saved_config(out) if resume else None  # resuming: options given must match the run's
         base = config.build(saved)
         name, method_args, preset_cfg = resolve_method(method or base.method, preset, arg)
@@ -127,7 +133,8 @@ def train(
         cfg = config.build(saved, **preset_cfg, method=name, method_args=method_args)
         with distributed.launch(cfg.device):  # torchrun: one process group, DDP; otherwise a no-op
             main = distributed.is_main()
-            summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+            summary = trainer.train(cfg, out, resume=resume, overwrite=overwrite, progress=progress,
+                                    callbacks=callbacks)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     if main:
@@ -183,6 +190,7 @@ def eval_cmd(
                                   help="eps values (x 1/255) of the eps-sweep"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Evaluate a run's model under attacks; writes RUN/eval.json (RUN/eval-last.json for the last checkpoint; and
     RUN/eps_sweep.png for eps-sweep)."""
@@ -190,7 +198,7 @@ def eval_cmd(
         sweep = [float(e) for e in eps_sweep.split(",") if e.strip()]
         report = evaluate_run(run, [a.strip() for a in attacks.split(",") if a.strip()], checkpoint=checkpoint,
                               n=n, batch_size=batch_size, seed=seed, device=device, data_dir=data_dir,
-                              sweep_255=sweep, progress=lambda name: typer.echo(f"running {name} ...", err=True))
+                              sweep_255=sweep, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     _print_eval(report, run / eval_file(checkpoint), run.name)
@@ -238,6 +246,7 @@ def benchmark_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
     overwrite: bool = switch(False, "--overwrite", help="replace OUT/eval.json and OUT/corruptions.csv"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Evaluate any model (not only a run) under attacks, and optionally CIFAR-10-C; writes OUT/eval.json.
 
@@ -256,7 +265,7 @@ def benchmark_cmd(
             corruptions=[t.strip() for t in corruptions.split(",") if t.strip()] if corruptions else None,
             severities=[int(s) for s in severities.split(",") if s.strip()], cifar10c=cifar10c,
             batch_size=batch_size, seed=seed, device=device, out=out, overwrite=overwrite,
-            progress=lambda name: typer.echo(f"running {name} ...", err=True))
+            progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     _print_eval(report, out / EVAL_FILE, model)
@@ -278,6 +287,7 @@ def corruptions(
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
     cifar10c: Optional[Path] = Cifar10cOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Accuracy under the 15 CIFAR-10-C corruptions (read from --cifar10c DIR, else generated on the fly); writes
     RUN/corruptions.{csv,png}, whose source column says which."""
@@ -285,7 +295,7 @@ def corruptions(
         csv, png = corruptions_run(run, n=n, types=[t.strip() for t in types.split(",") if t.strip()],
                                        severities=[int(s) for s in severities.split(",") if s.strip()], seed=seed,
                                        checkpoint=checkpoint, batch_size=batch_size, device=device, data_dir=data_dir,
-                                       cifar10c=cifar10c)
+                                       cifar10c=cifar10c, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"wrote {csv} and {png}")
@@ -303,12 +313,13 @@ def minpert(
     checkpoint: str = typer.Option("best", help="best or last"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     data_dir: Optional[str] = DataDirOpt,
+    progress: bool = ProgressOpt,
 ) -> None:
     """Minimum L-inf perturbation flipping each of a few test images, per model; writes minpert.{json,npz,png}."""
     try:
         dirs = runs + list(more or [])
         paths = minpert_runs(dirs, out or dirs[0].parent / "analysis", n=n, method=method, eps_max=eps_max / 255,
-                                 checkpoint=checkpoint, device=device, data_dir=data_dir)
+                                 checkpoint=checkpoint, device=device, data_dir=data_dir, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"wrote {paths['json']} and {paths['png']}")
@@ -488,7 +499,7 @@ def reproduce(
     try:
         done = run_all(profile, runs, figures, data_dir, progress=progress, records=records,
                        only=[n.strip() for n in only.split(",") if n.strip()] if only else None,
-                       log=lambda text: typer.echo(text, err=True))
+                       log=note)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         _fail(err)
     for name, paths in done.items():

@@ -198,6 +198,19 @@ def make_config(profile: str = "smoke", **overrides: Any) -> TrainConfig:
     return TrainConfig().replace(**PROFILES[profile]).replace(**overrides)
 
 
+def profile_of(cfg: TrainConfig) -> str:
+    """The profile ``cfg`` follows, for the run header: ``smoke``, ``smoke (changed: epochs, lr)`` when a few of
+    the profile's values were overridden, ``custom`` when no profile is close (half its values or more differ)."""
+    def changed(name: str) -> list[str]:
+        return [k for k, v in PROFILES[name].items() if getattr(cfg, k) != v]
+
+    name = min(PROFILES, key=lambda p: len(changed(p)))
+    diff = changed(name)
+    if 2 * len(diff) >= len(PROFILES[name]):
+        return "custom"
+    return name if not diff else f"{name} (changed: {', '.join(diff)})"
+
+
 def dumps(obj: Any) -> str:
     """Stable, readable JSON for run files."""
     return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -31,6 +31,7 @@ from layerlab.attacks import eval_mode, fgsm, pgd
 from layerlab.config import PGD_STEP, TrainConfig
 from layerlab.data import Splits, to_float
 from layerlab.models import build_model
+from layerlab.progress import bar as progress_bar
 from layerlab.train import nrr, resolve_device, splits_for
 
 L2_EPS = 0.5
@@ -326,14 +327,16 @@ def attack_batch(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any
 
 
 def correct_under(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any], *, batch_size: int = 256,
-                  seed: int = 0) -> tuple[Tensor, dict[str, Any], dict[str, Any]]:
-    """Per-example correctness under one attack, its bounds check on the actual batches, its mode check."""
+                  seed: int = 0, progress: bool = False) -> tuple[Tensor, dict[str, Any], dict[str, Any]]:
+    """Per-example correctness under one attack, its bounds check on the actual batches, its mode check
+    (``progress``: a bar over the batches)."""
     generator = torch.Generator(x.device).manual_seed(seed)
     monitor = ModeMonitor(model)
     masks, bounds = [], None
-    step = len(x) if settings["name"] in AA_ATTACKS else batch_size  # AA batches internally
-    with eval_mode(model), monitor.watch():
-        for start in range(0, len(x), max(1, step)):
+    step = max(1, len(x) if settings["name"] in AA_ATTACKS else batch_size)  # AA batches internally
+    starts = progress_bar(range(0, len(x), step), desc=settings["name"], progress=progress, unit="batch")
+    with eval_mode(model), monitor.watch(), starts:
+        for start in starts:
             xb, yb = x[start:start + step], y[start:start + step]
             x_adv = attack_batch(model, xb, yb, settings, generator, batch_size)
             bounds = merge_bounds(bounds, check_bounds(xb, x_adv, settings["eps"], settings["norm"]))
@@ -418,8 +421,9 @@ def collect_checks(results: dict[str, dict[str, Any]], model_checks: dict[str, A
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[str], *, eps: float,
                    step: float = PGD_STEP, sweep_255: Sequence[float] = DEFAULT_SWEEP_255, batch_size: int = 256,
-                   seed: int = 0, progress: Any = None) -> dict[str, Any]:
-    """Run the named attacks on (x, y); returns results, eps sweep, worst cases, metrics and checks."""
+                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Run the named attacks on (x, y); returns results, eps sweep, worst cases, metrics and checks.
+    ``progress``: a bar over the attacks and one over each attack's batches."""
     names = expand_attacks(attacks)
     settings = [parse_attack(a, eps, sweep_255, step=step) for a in names]
     if "natural" not in names:
@@ -428,20 +432,19 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[str
     model_checks = {"logits": check_logits(model, probe_x), "input_gradients": check_gradients(model, probe_x, probe_y)}
     results: dict[str, dict[str, Any]] = {}
     sweep = None
-    for s in settings:
-        if progress:
-            progress(s["name"])
+    for s in progress_bar(settings, desc="attacks", progress=progress, leave=True, unit="attack"):
         t0 = time.time()
         if s["name"] == "eps-sweep":
             sweep = {"settings": s, "points": []}
             for point in sweep_settings(s):
-                mask, bounds, mode = correct_under(model, x, y, point, batch_size=batch_size, seed=seed)
+                mask, bounds, mode = correct_under(model, x, y, point, batch_size=batch_size, seed=seed,
+                                                   progress=progress)
                 sweep["points"].append({"eps": point["eps"], "eps_255": point["eps"] * 255,
                                         "accuracy": percent(mask), "settings": point,
                                         "bounds": bounds, "eval_mode": mode})
             sweep["seconds"] = time.time() - t0
             continue
-        mask, bounds, mode = correct_under(model, x, y, s, batch_size=batch_size, seed=seed)
+        mask, bounds, mode = correct_under(model, x, y, s, batch_size=batch_size, seed=seed, progress=progress)
         results[s["name"]] = {"accuracy": percent(mask), "settings": s, "bounds": bounds,
                               "eval_mode": mode, "seconds": time.time() - t0, "correct": mask_to_str(mask)}
     report = finish_report(results, model_checks, sweep)
@@ -471,7 +474,7 @@ def eval_file(checkpoint: str = "best") -> str:
 def evaluate_run(run_dir: str | Path, attacks: list[str], *, checkpoint: str = "best", n: int | None = None,
                  batch_size: int = 256, seed: int = 0, device: str = "auto", data_dir: str | None = None,
                  sweep_255: Sequence[float] = DEFAULT_SWEEP_255, write: bool = True,
-                 progress: Any = None) -> dict[str, Any]:
+                 progress: bool = False) -> dict[str, Any]:
     """Accuracy of a run's model under each attack; written to ``RUN/eval.json`` (:func:`eval_file`).
 
     Results of an earlier call with the same checkpoint, n and data set are kept (new attacks are

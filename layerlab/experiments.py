@@ -292,7 +292,7 @@ def evaluate_experiment(name: str, root: str | Path, *, only: Iterable[str] | No
                 todo = missing_attacks(run_dir, attacks, checkpoint)
                 if todo:
                     log(f"[{name}] evaluating {spec.name} ({checkpoint}): {', '.join(todo)} on {EVAL_N} images")
-                    evaluate_run(run_dir, todo, checkpoint=checkpoint, n=EVAL_N, seed=0)
+                    evaluate_run(run_dir, todo, checkpoint=checkpoint, n=EVAL_N, seed=0, progress=progress)
                     done.append(f"{spec.name}:{checkpoint}")
         except runs.RunDirBusyError:
             continue  # another process holds it

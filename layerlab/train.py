@@ -18,17 +18,17 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from layerlab import distributed, runs
-from layerlab.analysis.layer_stats import GradStats
+from layerlab.analysis.layer_stats import GradStats, block_summary
 from layerlab.attacks import eval_mode, pgd
 from layerlab.callbacks import Callback
-from layerlab.config import TrainConfig
+from layerlab.config import TrainConfig, profile_of
 from layerlab.data import ImageSet, Splits, eval_batches, load_splits, train_batches
 from layerlab.layerwise import apply_update_spec, block_report, trainable_parts
 from layerlab.methods import AttackSettings, Method, StepContext, build_method
 from layerlab.models import build_model
+from layerlab.progress import bar as progress_bar, note
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,12 +82,17 @@ def evaluated_epoch(cfg: TrainConfig, epoch: int) -> bool:
 
 
 def evaluate(model: nn.Module, data: ImageSet, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-             batch_size: int = 256, seed: int = 0, limit: int | None = None) -> dict[str, float]:
-    """Natural and PGD accuracy (percent) on the first ``limit`` examples of ``data``; steps=0 skips PGD."""
+             batch_size: int = 256, seed: int = 0, limit: int | None = None, progress: bool = False,
+             desc: str = "evaluation") -> dict[str, float]:
+    """Natural and PGD accuracy (percent) on the first ``limit`` examples of ``data``; steps=0 skips PGD.
+    ``progress`` shows a bar over the batches named ``desc``."""
     correct_nat = correct_adv = total = 0
     generator = torch.Generator(data.images.device).manual_seed(seed)
-    with eval_mode(model):
-        for x, y in eval_batches(data, batch_size):
+    n = len(data) if limit is None else min(limit, len(data))
+    batches = progress_bar(eval_batches(data, batch_size), desc=desc, total=math.ceil(n / batch_size),
+                           progress=progress, unit="batch")
+    with eval_mode(model), batches:
+        for x, y in batches:
             if limit is not None and total >= limit:
                 break
             if limit is not None:
@@ -216,8 +221,8 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
     loss_sum, correct, seen = 0.0, 0, 0
     batches = train_batches(s.splits.train, per_rank, generator, drop_last=world > 1, rank=distributed.rank(),
                             world_size=world)
-    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress,
+                       unit="step")
     for step, (x, y) in enumerate(bar):
         ctx = StepContext(epoch, cfg.epochs, step, steps_per_epoch, attack, generator, hooks,
                           shard=(distributed.rank(), world))
@@ -242,15 +247,16 @@ def train_epoch(s: Setup, epoch: int, callbacks: Iterable[Callback] = (), progre
     return {"train_loss": loss_sum / max(1, seen), "train_acc": 100.0 * correct / max(1, seen)}
 
 
-def evaluate_epoch(s: Setup, epoch: int) -> dict[str, float]:
+def evaluate_epoch(s: Setup, epoch: int, progress: bool = False) -> dict[str, float]:
     """Per-epoch natural/PGD accuracy on a test subset and on the validation split."""
     cfg = s.cfg
     model = s.model if s.eval_model is None else s.eval_model
     kw = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.epoch_eval_steps, norm=cfg.norm,
-              batch_size=cfg.eval_batch_size, seed=cfg.seed)
+              batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=progress)
     with _autocast(cfg, s.device):  # as the model trains (bf16 under --amp); the final evaluation is fp32
-        test = evaluate(model, s.splits.test, limit=cfg.eval_size, **kw)
-        val = evaluate(model, s.splits.val, **kw) if s.splits.val is not None and len(s.splits.val) else None
+        test = evaluate(model, s.splits.test, limit=cfg.eval_size, desc=f"epoch {epoch + 1} test", **kw)
+        val = (evaluate(model, s.splits.val, desc=f"epoch {epoch + 1} val", **kw)
+               if s.splits.val is not None and len(s.splits.val) else None)
     row = {"natural_acc": test["natural_acc"], "robust_acc": test.get("robust_acc")}
     if val is not None:
         row.update(val_natural_acc=val["natural_acc"], val_robust_acc=val.get("robust_acc"))
@@ -265,11 +271,14 @@ def _selection_score(cfg: TrainConfig, row: dict[str, Any]) -> float:
     return float(row[prefix + kind])
 
 
-def final_evaluation(s: Setup, model: nn.Module | None = None) -> dict[str, float]:
-    """Natural and PGD-``eval_steps`` accuracy (percent) on the whole test split, plus NRR."""
+def final_evaluation(s: Setup, model: nn.Module | None = None, *, progress: bool = False,
+                     name: str = "final") -> dict[str, float]:
+    """Natural and PGD-``eval_steps`` accuracy (percent) on the whole test split, plus NRR (``progress``: a bar
+    named after the model evaluated, ``name``)."""
     cfg = s.cfg
     res = evaluate(model or s.model, s.splits.test, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.eval_steps,
-                   norm=cfg.norm, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1)
+                   norm=cfg.norm, batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, progress=progress,
+                   desc=f"test PGD-{cfg.eval_steps} ({name} model)")
     return {"natural_acc": res["natural_acc"], "robust_acc": res["robust_acc"],
             "nrr": nrr(res["natural_acc"], res["robust_acc"]), "n_test": res["n"]}
 
@@ -329,11 +338,12 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
         s.optimizer.load_state_dict(last["optimizer"])
         s.method.load_state_dict(last.get("method", {}))
         start_epoch, best_score, best_epoch = int(last["epoch"]), float(last["best_score"]), int(last["best_epoch"])
+    note(run_header(cfg, run_dir, s, start_epoch), progress)
     distributed.on_main(lambda: _start_files(s, run_dir, resume, start_epoch, callbacks))
     t_run = time.time()
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    epochs_bar = tqdm(range(start_epoch, end_epoch), desc=f"{cfg.method} {run_dir.name}", disable=not progress,
-                      dynamic_ncols=True)
+    epochs_bar = progress_bar(range(start_epoch, end_epoch), desc=f"{cfg.method} {run_dir.name}", progress=progress,
+                              leave=True, unit="epoch")
     for epoch in epochs_bar:
         lr = lr_at(cfg, epoch)
         for group in s.optimizer.param_groups:
@@ -350,13 +360,29 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool, overwrite: bool, 
         seconds = time.time() - t0
         # Rank 0 evaluates and writes while the other ranks wait for its result (or its error).
         row, best_score, best_epoch, written = distributed.on_main(functools.partial(
-            _end_epoch, s, run_dir, epoch, lr, stats, t0, seconds, best_score, best_epoch, callbacks))
+            _end_epoch, s, run_dir, epoch, lr, stats, t0, seconds, best_score, best_epoch, callbacks, progress))
         write_seconds += written
         if "natural_acc" in row:
             epochs_bar.set_postfix(nat=f"{row['natural_acc']:.1f}", rob=f"{row.get('robust_acc') or 0:.1f}")
     if end_epoch < cfg.epochs:
-        return {"stopped_after": end_epoch, "run_dir": str(run_dir)}
-    return distributed.on_main(lambda: write_summary(s, run_dir, best_epoch, time.time() - t_run, write_seconds))
+        summary = {"stopped_after": end_epoch, "run_dir": str(run_dir)}
+    else:
+        summary = distributed.on_main(lambda: write_summary(s, run_dir, best_epoch, time.time() - t_run,
+                                                            write_seconds, progress=progress))
+    for cb in callbacks:
+        cb.on_train_end(run_dir, summary)
+    return summary
+
+
+def run_header(cfg: TrainConfig, run_dir: Path, s: Setup, start_epoch: int = 0) -> str:
+    """The line a run starts with: what it trains, on which data, the profile, where it writes, on which device."""
+    details = ([] if cfg.width == 1 else [f"width {cfg.width:g}"]) + ([f"update {cfg.update}"] if cfg.update else [])
+    what = f"{cfg.method} {cfg.model}" + (f" ({', '.join(details)})" if details else "")
+    epochs = (f"from epoch {start_epoch + 1} of {cfg.epochs}" if start_epoch
+              else f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}")
+    return (f"{'resume' if start_epoch else 'train'} {what} on {s.splits.name} ({len(s.splits.train):,} train / "
+            f"{len(s.splits.test):,} test), {epochs}, profile {profile_of(cfg)} -> {run_dir} on {s.device}"
+            + (f" x{distributed.world_size()}" if distributed.world_size() > 1 else ""))
 
 
 def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callbacks: list[Callback]) -> None:
@@ -373,8 +399,8 @@ def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callba
 
 
 def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, float], t0: float, seconds: float,
-               best_score: float, best_epoch: int,
-               callbacks: list[Callback]) -> tuple[dict[str, Any], float, int, float]:
+               best_score: float, best_epoch: int, callbacks: list[Callback],
+               progress: bool = False) -> tuple[dict[str, Any], float, int, float]:
     """Evaluate (on the epochs :func:`evaluated_epoch` names), append the metrics row, save best/last
     checkpoints, run the callbacks; returns (row, best score, best epoch, seconds spent writing checkpoints and
     running the callbacks). The row of an epoch without evaluation has no accuracy and no ``eval_seconds``, and
@@ -382,7 +408,7 @@ def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, 
     cfg = s.cfg
     row = {"epoch": epoch + 1, "lr": lr, **stats, **s.method.epoch_stats(), "seconds": seconds}
     if evaluated_epoch(cfg, epoch):
-        row.update(evaluate_epoch(s, epoch), eval_seconds=time.time() - t0 - seconds)
+        row.update(evaluate_epoch(s, epoch, progress), eval_seconds=time.time() - t0 - seconds)
     t_write = time.perf_counter()
     meta = _meta(cfg, s, epoch + 1)
     # Metrics first, last.pt after: a crash in between leaves a row that resume drops and redoes.
@@ -398,13 +424,18 @@ def _end_epoch(s: Setup, run_dir: Path, epoch: int, lr: float, stats: dict[str, 
         runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1}.pt", s.model, meta)
     for cb in callbacks:
         cb.on_epoch_end(epoch + 1, s.model, run_dir)
+    grad_stats = next((cb for cb in callbacks if isinstance(cb, GradStats)), None)
+    blocks = block_summary(grad_stats.epoch_rows) if grad_stats is not None else {}
+    for cb in callbacks:
+        cb.on_epoch_metrics(epoch + 1, row, blocks)
     return row, best_score, best_epoch, time.perf_counter() - t_write
 
 
-def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float,
-                  write_seconds: float = 0.0) -> dict[str, Any]:
+def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float, write_seconds: float = 0.0, *,
+                  progress: bool = False) -> dict[str, Any]:
     """Evaluate the final (and best) model on the test split and write ``summary.json`` (``write_seconds``: what
-    this process spent writing checkpoints and running the callbacks at the ends of its epochs)."""
+    this process spent writing checkpoints and running the callbacks at the ends of its epochs; ``progress``: a
+    bar per model evaluated)."""
     cfg = s.cfg
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl")
     t_final = time.time()
@@ -413,7 +444,7 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float,
         "epochs": cfg.epochs, "seed": cfg.seed, "update": cfg.update, "reinit": cfg.reinit,
         "trainable": trainable_parts(s.model), "method_hparams": s.method.hparams(),
         "attack": {"norm": cfg.norm, "eps": cfg.eps, "alpha": cfg.alpha, "steps": cfg.eval_steps},
-        **final_evaluation(s),
+        **final_evaluation(s, progress=progress, name="last"),
         "best_epoch": best_epoch, "best_selected_on": "val" if cfg.select_on == "val" and s.splits.val else "test",
         "train_seconds_per_epoch": sum(r["seconds"] for r in metrics) / max(1, len(metrics)),
         "seconds": seconds,
@@ -421,9 +452,9 @@ def write_summary(s: Setup, run_dir: Path, best_epoch: int, seconds: float,
     # dataclasses.replace, not cfg.replace (which skips None): the best weights need no --init file and no freezing.
     best_model = build_run_model(dataclasses.replace(cfg, init=None, update=None), s.splits).to(s.device)
     runs.load_weights(best_model, runs.load_checkpoint(run_dir / "checkpoints" / "best.pt"))
-    summary["best"] = final_evaluation(s, best_model)
+    summary["best"] = final_evaluation(s, best_model, progress=progress, name=f"best, epoch {best_epoch}")
     for name, extra in s.method.extra_models().items():
-        summary[name] = final_evaluation(s, extra)
+        summary[name] = final_evaluation(s, extra, progress=progress, name=name)
     # "seconds": the whole run's wall time over every process that trained it (a resumed run's earlier epochs
     # too): each epoch with its evaluation, plus these final evaluations; "process_seconds": this process's epochs
     summary["final_eval_seconds"] = time.time() - t_final

@@ -40,6 +40,7 @@ from layerlab.attacks import eval_mode
 from layerlab.data import to_float
 from layerlab.evaluation import load_run
 from layerlab.plots.robustness import plot_corruptions
+from layerlab.progress import bar as progress_bar
 
 Array = np.ndarray
 CorruptionFn = Callable[[Array, int, np.random.Generator], Array]
@@ -536,24 +537,25 @@ def check_severities(severities: Sequence[int]) -> list[int]:
 def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *, types: Sequence[str] = CORRUPTIONS,
                          severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 256,
                          published: PublishedCorruptions | None = None,
-                         progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                         progress: bool = False) -> list[dict[str, Any]]:
     """Rows (type, group, severity, accuracy, n, source): clean accuracy first (severity 0), then each corruption,
-    its images generated from ``images`` with ``seed``, or read from ``published`` (lined up with ``images``)."""
+    its images generated from ``images`` with ``seed``, or read from ``published`` (lined up with ``images``)
+    (``progress``: a bar over the corruption-severity pairs)."""
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     source = GENERATED if published is None else published.source
     rows = [{"type": "clean", "group": "clean", "severity": 0, "accuracy": accuracy_on(model, images, labels,
                                                                                         batch_size),
              "n": len(labels), "source": source}]
-    for name in check_names(types):
-        for severity in check_severities(severities):
-            if progress:
-                progress(f"{name} {severity}")
-            corrupted = (corrupt(images, name, severity, seed) if published is None
-                         else published.images(name, severity).to(device))
-            rows.append({"type": name, "group": GROUP_OF[name], "severity": severity,
-                         "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels),
-                         "source": source})
+    pairs = progress_bar([(name, severity) for name in check_names(types) for severity in check_severities(severities)],
+                         desc="corruptions", progress=progress, unit="set")
+    for name, severity in pairs:
+        pairs.set_postfix_str(f"{name} {severity}")
+        corrupted = (corrupt(images, name, severity, seed) if published is None
+                     else published.images(name, severity).to(device))
+        rows.append({"type": name, "group": GROUP_OF[name], "severity": severity,
+                     "accuracy": accuracy_on(model, corrupted, labels, batch_size), "n": len(labels),
+                     "source": source})
     return rows
 
 
@@ -569,7 +571,7 @@ def corruptions_run(run_dir: str | Path, *, n: int | None = None, types: Sequenc
                         severities: Sequence[int] = SEVERITIES, seed: int = 0, checkpoint: str = "best",
                         batch_size: int = 256, device: str = "auto", data_dir: str | None = None,
                         cifar10c: str | Path | None = None,
-                        progress: Callable[[str], None] | None = None) -> tuple[Path, Path]:
+                        progress: bool = False) -> tuple[Path, Path]:
     """Corruption accuracies of a run's model on its first ``n`` test images: RUN/corruptions.{csv,png}; the
     corrupted images are read from the published files in ``cifar10c`` when given, else generated."""
     severities = check_severities(severities)

@@ -151,6 +151,22 @@ class GradStats(Callback):
             fh.write("".join(runs.dumps_line(r) for r in self.epoch_rows))
 
 
+BLOCK_STATS = ("grad_mean_abs", "updated_fraction", "updated_once_fraction")
+
+
+def block_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per model part (``stem``, ``blockK``, ``head``), in model order, the :data:`BLOCK_STATS` of one epoch's
+    :meth:`GradStats.epoch_stats` rows, each tensor weighted by its number of entries (so a block's value is the
+    mean over all its entries, as for a single tensor)."""
+    sums: dict[str, dict[str, float]] = {}
+    for r in rows:
+        acc = sums.setdefault(r["block"], dict.fromkeys(("numel",) + BLOCK_STATS, 0.0))
+        acc["numel"] += r["numel"]
+        for stat in BLOCK_STATS:
+            acc[stat] += r[stat] * r["numel"]
+    return {block: {stat: acc[stat] / acc["numel"] for stat in BLOCK_STATS} for block, acc in sums.items()}
+
+
 def read_layer_stats(path: str | Path) -> Any:
     """``layer_stats.jsonl`` (a run directory or the file) as a pandas DataFrame."""
     path = Path(path)

@@ -21,6 +21,7 @@ from layerlab.attacks import cw_margin_loss, eval_mode, pgd_perturb
 from layerlab.data import to_float
 from layerlab.evaluation import load_run, load_run_config, load_run_model
 from layerlab.plots.robustness import plot_minpert
+from layerlab.progress import bar as progress_bar
 from layerlab.train import resolve_device
 
 METHODS = ("both", "fmn", "bisection")
@@ -57,11 +58,11 @@ def flips(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
 
 
 def bisection_min_eps(model: nn.Module, x: Tensor, y: Tensor, *, eps_max: float = 32 / 255, iters: int = 12,
-                      steps: int = 50) -> tuple[Tensor, Tensor, Tensor]:
+                      steps: int = 50, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Smallest eps (per example, to eps_max / 2**iters) at which our PGD flips the label.
 
     Returns (eps, x_adv, found); examples already misclassified get eps 0; examples not flipped
-    at ``eps_max`` get found=False, eps=nan and x_adv=x.
+    at ``eps_max`` get found=False, eps=nan and x_adv=x. ``progress``: a bar over the bisection steps.
     """
     n = len(x)
     lo = torch.zeros(n, device=x.device)
@@ -71,7 +72,7 @@ def bisection_min_eps(model: nn.Module, x: Tensor, y: Tensor, *, eps_max: float 
     x_max = pgd_at(model, x, y, hi, steps=steps)
     found = flips(model, x_max, y) | wrong
     best[found] = x_max[found]
-    for _ in range(iters):
+    for _ in progress_bar(range(iters), desc="bisection", progress=progress, unit="step"):
         mid = (lo + hi) / 2
         x_mid = pgd_at(model, x, y, mid, steps=steps)
         ok = flips(model, x_mid, y) & found & ~wrong
@@ -102,11 +103,11 @@ def fmn_min_eps(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 100) -> 
 
 def minimum_perturbation(model: nn.Module, x: Tensor, y: Tensor, *, method: str = "both",
                          eps_max: float = 32 / 255, iters: int = 12, steps: int = 50,
-                         fmn_steps: int = 100) -> dict[str, Any]:
+                         fmn_steps: int = 100, progress: bool = False) -> dict[str, Any]:
     """Per-image minimal L-inf perturbation: eps, adversarial images, predictions and which estimator won.
 
     ``eps`` is the measured ||x_adv - x||_inf of the returned example (nan where none was found);
-    ``eps_fmn`` / ``eps_bisection`` are each estimator's own value.
+    ``eps_fmn`` / ``eps_bisection`` are each estimator's own value. ``progress``: a bar over the bisection.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -116,7 +117,8 @@ def minimum_perturbation(model: nn.Module, x: Tensor, y: Tensor, *, method: str 
                                 else (nan, x, torch.zeros(n, dtype=torch.bool, device=x.device)))
     need_bisection = method != "fmn" or not bool(ok_fmn.all())
     if need_bisection:
-        eps_bis, adv_bis, ok_bis = bisection_min_eps(model, x, y, eps_max=eps_max, iters=iters, steps=steps)
+        eps_bis, adv_bis, ok_bis = bisection_min_eps(model, x, y, eps_max=eps_max, iters=iters, steps=steps,
+                                                     progress=progress)
         if method == "fmn":  # fallback only where FMN failed
             ok_bis = ok_bis & ~ok_fmn
             eps_bis = torch.where(ok_bis, eps_bis, nan)
@@ -192,16 +194,21 @@ def _value(v: float) -> float | None:
 
 def minpert_runs(run_dirs: Sequence[str | Path], out: str | Path, *, n: int = 8, method: str = "both",
                      eps_max: float = 32 / 255, iters: int = 12, steps: int = 50, fmn_steps: int = 100,
-                     checkpoint: str = "best", device: str = "auto", data_dir: str | None = None) -> dict[str, Path]:
-    """Minimal perturbations of the same images for several runs: OUT/minpert.{json,npz,png}."""
+                     checkpoint: str = "best", device: str = "auto", data_dir: str | None = None,
+                     progress: bool = False) -> dict[str, Path]:
+    """Minimal perturbations of the same images for several runs: OUT/minpert.{json,npz,png} (``progress``: a bar
+    over the models and one over each model's bisection)."""
     models, splits, idx, x, y = models_and_shared_images(run_dirs, n, checkpoint=checkpoint, device=device, data_dir=data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"clean": x.cpu().numpy().astype(np.float32)}
     entries = []
-    for i, (run, name, model) in enumerate(zip(run_dirs, model_labels(run_dirs), models)):
+    labelled = progress_bar(list(zip(run_dirs, model_labels(run_dirs), models)), desc="minimum perturbation",
+                            progress=progress, leave=True, unit="model")
+    for i, (run, name, model) in enumerate(labelled):
+        labelled.set_postfix_str(name)
         res = minimum_perturbation(model, x, y, method=method, eps_max=eps_max, iters=iters, steps=steps,
-                                   fmn_steps=fmn_steps)
+                                   fmn_steps=fmn_steps, progress=progress)
         arrays[f"adv_{i}"] = res["x_adv"].cpu().numpy().astype(np.float32)
         dist = linf(x, res["x_adv"]).tolist()
         images = [{"index": int(k), "label": int(lab), "orig_pred": int(o), "adv_pred": int(a),

@@ -43,6 +43,7 @@ from layerlab.gallery.settings import (
     group_of,
     settings,
 )
+from layerlab.progress import bar as progress_bar
 from layerlab.records import (
     COPIED_SUFFIXES,
     MARKER,
@@ -120,15 +121,18 @@ def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_di
         if log and restored:
             log(f"restored {len(restored)} runs from {records}: {', '.join(restored)}")
     done = {}
-    for key, group in GROUPS.items():
-        if key in names:
-            if log:
-                log(f"{key} ({group.notebook}) ...")
-            try:
-                done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress, records=records)
-            finally:  # what finished is kept even when a later run fails
-                if records is not None:
-                    export_records(run_root, records)
+    # The bar over the figure groups shows unless progress is turned off; the runs' own bars follow the profile.
+    groups = progress_bar([(k, g) for k, g in GROUPS.items() if k in names], desc="reproduce", leave=True,
+                          progress=progress is not False, unit="group")
+    for key, group in groups:
+        groups.set_postfix_str(key)
+        if log:
+            log(f"{key} ({group.notebook}) ...")
+        try:
+            done[key] = make(key, profile, run_root, figures_dir, data_dir, progress=progress, records=records)
+        finally:  # what finished is kept even when a later run fails
+            if records is not None:
+                export_records(run_root, records)
     if records is not None:
         for key in stale_groups(figures_dir, done):
             if log:

@@ -57,7 +57,7 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
                 or (a == "eps-sweep" and not _sweep_ok(rep, ctx.s.sweep_255))]
 
     path = run_dir / "eval.json"
-    kw = dict(n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0)
+    kw = dict(n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0, progress=ctx.progress)
     with runs.analysis_lock(run_dir, "eval"):
         report = runs.read_json(path) if path.exists() else None
         todo = missing(report)
@@ -253,7 +253,8 @@ def corruption_result(ctx: Context, run_dir: Path) -> Path:
         materialize(run_dir, progress=ctx.progress)
         with runs.costed(run_dir, "corruptions"):
             csv, _ = corruptions_run(run_dir, n=ctx.s.corruption_n,
-                                         severities=list(ctx.s.corruption_severities), data_dir=ctx.data_dir)
+                                         severities=list(ctx.s.corruption_severities), data_dir=ctx.data_dir,
+                                         progress=ctx.progress)
     return csv
 
 
@@ -279,7 +280,8 @@ def minpert_attribution_results(ctx: Context, run_dirs: Sequence[Path]) -> PathM
         if not minpert_ok:
             with runs.costed(analysis, "minpert"):
                 minpert_runs(run_dirs, analysis, n=ctx.s.minpert_n, iters=ctx.s.minpert_iters,
-                                 steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir)
+                                 steps=ctx.s.minpert_steps, fmn_steps=ctx.s.fmn_steps, data_dir=ctx.data_dir,
+                                 progress=ctx.progress)
         if not attributions_ok:
             with runs.costed(analysis, "attributions"):
                 attributions_runs(run_dirs, analysis, n=ctx.s.attr_n, ig_steps=ctx.s.ig_steps,
