@@ -96,3 +96,21 @@ def train_tiny_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def invoke(*args: object):
+    """Run the CLI in-process; stdout and stderr are kept apart."""
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def refused(result) -> str:
+    """The one error line of a refused command (exit status 2, nothing on stdout)."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]

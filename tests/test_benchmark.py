@@ -10,32 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from layerlab import runs
 from layerlab.analysis import corruptions as C
 from layerlab.benchmark import benchmark
-from layerlab.cli import app
 from layerlab.data import load_splits
 from layerlab.evaluation import evaluate_run, load_run
+
+from conftest import invoke, refused
 
 ATTACKS = ["natural", "pgd3"]
 N = 32
 TYPES = ["contrast", "jpeg_compression"]  # deterministic corruptions: generating them per image or per set agrees
-
-
-def invoke(*args: object):
-    """Run the CLI in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def refused(result) -> str:
-    """The one error line of a refused command (exit status 2, nothing on stdout)."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

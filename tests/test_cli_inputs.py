@@ -6,28 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from layerlab.cli import app
+
+from conftest import invoke, refused
 
 # Tiny settings for the commands (the same sizes as tests/conftest.py's TINY).
 TINY_ARGS = ["--profile", "smoke", "--epochs", "1", "--width", "0.0625", "--train-size", "64", "--test-size", "32",
              "--val-size", "16", "--eval-size", "16", "--batch-size", "32", "--attack-steps", "1",
              "--epoch-eval-steps", "1", "--eval-steps", "1", "--device", "cpu", "--no-progress"]
-
-
-def invoke(*args: object):
-    """Run the CLI in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def refused(result) -> str:
-    """The one error line of a refused command (exit status 2, nothing on stdout)."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    return lines[0]
 
 
 def files_under(root: Path) -> list[str]:
