@@ -33,7 +33,7 @@ from layerlab import runs
 from layerlab.analysis.corruptions import (CORRUPTIONS, CSV_FILE, SEVERITIES, PublishedCorruptions, check_names,
                                            check_severities, evaluate_corruptions, write_csv)
 from layerlab.config import EPS, PGD_STEP
-from layerlab.data import Splits, load_splits, to_float
+from layerlab.data import NUM_CLASSES, Splits, load_splits, to_float
 from layerlab.evaluation import DEFAULT_SWEEP_255, eval_file, evaluate_model, expand_attacks, parse_attack
 from layerlab.models import WRAPPER_PREFIXES, Normalize
 from layerlab.plots.robustness import plot_corruptions
@@ -220,12 +220,15 @@ def benchmark(model: nn.Module | str, dataset: str = "cifar10", *, weights: str 
     types = check_names(corruptions or (CORRUPTIONS if cifar10c is not None else []))
     severities = check_severities(severities)
     dev = resolve_device(device)
-    splits = load_splits(dataset, data_dir, device=dev)
     spec = model if isinstance(model, str) else type(model).__name__
+    classes = NUM_CLASSES.get(dataset)  # None (a folder data set): known once the data is read
+    if isinstance(model, str) and classes is not None:  # a bad spec or weights is refused before the data loads
+        model = load_model(model, weights, num_classes=classes)
+    elif not isinstance(model, str) and weights is not None:
+        load_weights(model, weights, spec)
+    splits = load_splits(dataset, data_dir, device=dev)
     if isinstance(model, str):
         model = load_model(model, weights, num_classes=splits.num_classes)
-    elif weights is not None:
-        load_weights(model, weights, spec)
     stats = parse_normalize(normalize, splits)
     if stats is not None:
         model = nn.Sequential(Normalize(*stats), model)

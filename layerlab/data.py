@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "NUM_CLASSES",
     "DataNotFoundError",
     "ImageSet",
     "Splits",
@@ -59,7 +60,7 @@ _TORCHVISION_MARKERS = {
     "cifar100": "cifar-100-python",
     "svhn": "train_32x32.mat",
 }
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}  # per named data set (DATASETS)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -401,8 +402,8 @@ def _load_named(
 
 
 def _check_num_classes(name: str, where: Path, classes: list[str]) -> None:
-    if len(classes) != _NUM_CLASSES[name]:
-        raise ValueError(f"{where} looks like {name} but has {len(classes)} class folders, expected {_NUM_CLASSES[name]}")
+    if len(classes) != NUM_CLASSES[name]:
+        raise ValueError(f"{where} looks like {name} but has {len(classes)} class folders, expected {NUM_CLASSES[name]}")
 
 
 def _load_torchvision(name: str, root: Path, *, download: bool) -> tuple[ImageSet, ImageSet, list[str]]:

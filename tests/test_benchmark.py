@@ -262,3 +262,14 @@ def test_a_wrong_published_directory_is_refused_in_one_line(st_run, published, t
     assert "expected uint8 (1500, 32, 32, 3)" in refused(invoke(*args))
     assert "not a directory" in refused(invoke(*args[:-1], tmp_path / "none"))
     assert not (run / "corruptions.csv").exists()
+
+
+def test_a_bad_model_spec_is_refused_before_the_data_loads(monkeypatch):
+    import layerlab.benchmark as B
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the model spec was checked")
+
+    monkeypatch.setattr(B, "load_splits", no_data)
+    with pytest.raises(ValueError, match="no_such_module"):
+        B.benchmark("no_such_module:f", "cifar10")
