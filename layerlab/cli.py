@@ -85,6 +85,12 @@ DataDirOpt = typer.Option(None, "--data-dir", help="where datasets live (else $L
 OverwriteOpt = switch(False, "--overwrite", help="replace an existing run directory")
 ResumeOpt = switch(False, "--resume", help="continue an interrupted run from checkpoints/last.pt")
 ProgressOpt = switch(True, "--progress/--no-progress", help="show progress bars")
+# the attack suite's options, shared by `eval` (a run) and `benchmark` (any model)
+AttacksOpt = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP)
+EvalNOpt = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)")
+EvalBatchOpt = typer.Option(256, help="evaluation batch size")
+EpsSweepOpt = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255), help="eps values (x 1/255) of the eps-sweep")
+DeviceOpt = typer.Option("auto", help="auto, cpu, cuda")
 Cifar10cOpt = typer.Option(None, "--cifar10c", help="directory of the published CIFAR-10-C files (<corruption>.npy, "
                            "labels.npy): read the corrupted images from them instead of generating them")
 StEpochsOpt = typer.Option(None, help=f"epochs of the natural (ST) model; default --epochs when given, else per "
@@ -181,14 +187,13 @@ def freeze_study(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Option(..., "--run", help="run directory"),
-    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP),
+    attacks: str = AttacksOpt,
     checkpoint: str = typer.Option("best", help="best or last"),
-    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
-    batch_size: int = typer.Option(256, help="evaluation batch size"),
+    n: Optional[int] = EvalNOpt,
+    batch_size: int = EvalBatchOpt,
     seed: int = typer.Option(0, help="attack seed"),
-    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
-                                  help="eps values (x 1/255) of the eps-sweep"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    eps_sweep: str = EpsSweepOpt,
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -230,8 +235,8 @@ def benchmark_cmd(
                                            "weights_only=True; also nested under state_dict or model)"),
     dataset: str = typer.Option("cifar10", help="digits, cifar10, cifar100, svhn or folder:PATH"),
     out: Path = typer.Option(..., "--out", help="directory for eval.json (and corruptions.csv/png)"),
-    attacks: str = typer.Option("natural,fgsm,pgd20", help="comma-separated: " + ATTACK_HELP),
-    n: Optional[int] = typer.Option(None, help="evaluate on the first N test examples (AutoAttack is slow on CPU)"),
+    attacks: str = AttacksOpt,
+    n: Optional[int] = EvalNOpt,
     eps: float = typer.Option(EPS * 255, help="L-inf attack radius, in 1/255 units"),
     pgd_step: float = typer.Option(PGD_STEP * 255, "--pgd-step", help="L-inf PGD/CW step size, in 1/255 units"),
     normalize: Optional[str] = typer.Option(None, help=NORMALIZE_HELP),
@@ -239,11 +244,10 @@ def benchmark_cmd(
                                               "groups (noise, blur, weather, digital, all)"),
     severities: str = typer.Option("1,2,3,4,5", help="comma-separated corruption severities (1-5)"),
     cifar10c: Optional[Path] = Cifar10cOpt,
-    batch_size: int = typer.Option(256, help="evaluation batch size"),
+    batch_size: int = EvalBatchOpt,
     seed: int = typer.Option(0, help="attack (and generated corruption) seed"),
-    eps_sweep: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_SWEEP_255),
-                                  help="eps values (x 1/255) of the eps-sweep"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    eps_sweep: str = EpsSweepOpt,
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     overwrite: bool = switch(False, "--overwrite", help="replace OUT/eval.json and OUT/corruptions.csv"),
     progress: bool = ProgressOpt,
@@ -283,8 +287,8 @@ def corruptions(
     types: str = typer.Option("all", help="comma-separated corruption types or groups (noise, blur, weather, digital)"),
     seed: int = typer.Option(0, help="corruption noise seed"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    batch_size: int = typer.Option(256, help="evaluation batch size"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    batch_size: int = EvalBatchOpt,
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     cifar10c: Optional[Path] = Cifar10cOpt,
     progress: bool = ProgressOpt,
@@ -311,7 +315,7 @@ def minpert(
                                "bisection"),
     eps_max: float = typer.Option(32.0, help="largest eps (x 1/255) the bisection searches"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -334,7 +338,7 @@ def attributions(
     ig_steps: int = typer.Option(32, help="integrated-gradients steps"),
     layer_method: str = typer.Option("lig", help="lig (layer integrated gradients) or gxa (gradient x activation)"),
     checkpoint: str = typer.Option("best", help="best or last"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Saliency / integrated-gradients maps and per-block layer attributions; writes attributions.{json,npz,png}."""
@@ -385,7 +389,7 @@ def cka(
     layers: str = typer.Option("blocks", help="blocks, residual-blocks, all-convs, or comma-separated module names"),
     steps: Optional[int] = typer.Option(None, help="PGD steps (default: the run's eval_steps)"),
     seed: int = typer.Option(0, help="attack seed"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/cka.json); the PNG goes next to it"),
     progress: bool = ProgressOpt,
@@ -452,7 +456,7 @@ def lsc_cmd(
     attack_steps: int = typer.Option(10, help="PGD steps of the training adversarial examples"),
     seed: int = typer.Option(0, help="seed of the subset, the attack and the directions"),
     batch_size: int = typer.Option(256, help="batch size"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    device: str = DeviceOpt,
     data_dir: Optional[str] = DataDirOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: the run directory)"),
     progress: bool = ProgressOpt,

@@ -26,6 +26,7 @@ are imported when a logger is created, so a missing one fails before any trainin
 
 from __future__ import annotations
 
+import abc
 import csv
 import hashlib
 import math
@@ -60,7 +61,7 @@ def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class Logger(Callback):
+class Logger(Callback, abc.ABC):
     """Base of the loggers: turns the trainer's hooks into :meth:`start`, :meth:`log` and :meth:`close`."""
 
     def on_train_start(self, model, method, run_dir: Path, cfg, start_epoch: int) -> None:
@@ -79,9 +80,9 @@ class Logger(Callback):
         """Open the output for run directory ``run_dir`` trained with ``config``; a resumed run starts after
         epoch ``start_epoch`` (drop anything logged for later epochs)."""
 
+    @abc.abstractmethod
     def log(self, epoch: int, values: dict[str, float]) -> None:
-        """Record ``values`` (``{tag: number}``) at step ``epoch`` (1-based)."""
-        raise NotImplementedError
+        """Record ``values`` (``{tag: number}``) at step ``epoch`` (1-based); every logger defines it."""
 
     def close(self) -> None:
         """Flush and release the output."""

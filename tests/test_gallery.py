@@ -112,3 +112,21 @@ def test_train_seconds_counts_a_stalled_epoch_at_the_run_median(tmp_path):
     cost = gallery_wall_time([{"runs": [{"dir": str(tmp_path), **row}]}])
     assert cost["training_seconds"] == row["train_seconds"]
     assert cost["stalled_epochs"] == [{"run": tmp_path.name, **row["stalled_epochs"][0]}]
+
+
+def test_a_groups_tables_name_no_path_of_this_machine(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from layerlab.gallery.manifest import make_portable
+
+    monkeypatch.chdir(tmp_path)
+    root, data, figures = tmp_path / "runs-xyz", tmp_path / "data", tmp_path / "figs"
+    group = figures / "01_freeze_study"
+    (group / "fig_data").mkdir(parents=True)
+    (group / "table.csv").write_text(f"model,dir\nAT,{root}/AT\n")
+    (group / "fig_data" / "rows.json").write_text(f'{{"data": "{data}/cifar10"}}')
+    (group / "plot.png").write_bytes(b"\x89PNG" + str(root).encode())
+    make_portable(group, SimpleNamespace(root=root, data_dir=str(data), figures=figures))
+    assert (group / "table.csv").read_text() == "model,dir\nAT,RUN_ROOT/AT\n"
+    assert (group / "fig_data" / "rows.json").read_text() == '{"data": "$LAYERLAB_DATA/cifar10"}'
+    assert (group / "plot.png").read_bytes() == b"\x89PNG" + str(root).encode()  # binary files are left alone

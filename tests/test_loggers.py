@@ -171,3 +171,13 @@ def test_csv_logger_alone_needs_no_package(tmp_path):
         {"epoch": "2", "metrics/a": "2.0", "grad_mean_abs/stem": "0.5", "final/nrr": "9.0"}]
     logger.start(tmp_path, {}, 1)  # a run resumed after epoch 1 drops the later rows
     assert [r["epoch"] for r in _read_csv(tmp_path / "log.csv")] == ["1"]
+
+
+def test_a_logger_must_say_how_it_logs():
+    from layerlab.loggers import Logger
+
+    class Silent(Logger):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Silent()

@@ -338,8 +338,22 @@ def write_manifest(ctx: Context, group: FigureGroup, paths: PathMap, read: set[t
         "runs": used, "shared_analyses": shared, "calls": calls, "differences_from_paper": paper_differences(ctx),
         "figure_settings": _jsonable(asdict(ctx.s)), "environment": env,
     }
+    make_portable(out, ctx)
     runs.write_json(path, json.loads(portable(json.dumps(manifest), ctx)))
     return path
+
+
+PORTABLE_SUFFIXES = (".csv", ".json", ".html", ".md")  # a group's text files, rewritten by :func:`make_portable`
+
+
+def make_portable(group_dir: Path, ctx: Context) -> None:
+    """Rewrite the text files a group's figure calls wrote (tables, their data, HTML) through :func:`portable`, so
+    none names this machine's run root, data root or figures directory."""
+    for path in sorted(Path(group_dir).rglob("*")):
+        if path.is_file() and path.suffix in PORTABLE_SUFFIXES and path.name != MANIFEST:
+            text = path.read_text()
+            if (new := portable(text, ctx)) != text:
+                path.write_text(new)
 
 
 def portable(text: str, ctx: Context) -> str:
