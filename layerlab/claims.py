@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from layerlab.experiments import OVERFIT_TAG, overfit_name
+from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 from layerlab.train import nrr
 
 MIN_SEEDS = 3
@@ -65,7 +67,8 @@ PGD_OF = {"last_worst": "last_robust", "best_worst": "best_robust", "last_worst_
 METRIC_NAMES = {"last_natural": "natural, last", "last_robust": "PGD-20, last", "last_worst": "worst case, last",
                 "best_worst": "worst case, best",
                 "last_nrr": "NRR (PGD-20), last", "last_worst_nrr": "NRR (worst case), last",
-                "best_minus_last_worst": "worst case best - last", "best_minus_last_robust": "PGD-20 best - last"}
+                "best_minus_last_worst": "worst case best - last", "best_minus_last_robust": "PGD-20 best - last",
+                "best_robust": "PGD-20, best"}
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float | None:
@@ -126,12 +129,21 @@ class Claim:
                 verdict = _verdict(inner and separated, not inner and separated, est)
         else:
             raise ValueError(f"unknown claim kind {self.kind!r}")
-        ours = "; ".join(f"{g}: {e if e is not None else 'no runs'}" for g, e in zip(self.groups, est))
+        ours = "; ".join(f"{short(g)}: {e if e is not None else 'no runs'}" for g, e in zip(self.groups, est))
         pgd = PGD_OF.get(self.metric)
-        beside = ("; ".join(f"{g}: {e if e is not None else 'no runs'}"
+        beside = ("; ".join(f"{short(g)}: {e if e is not None else 'no runs'}"
                             for g in self.groups for e in [estimate(rows, g, pgd)]) if pgd else "")
         return {"claim": self.key, "paper": self.paper, "text": self.text, "published": published_values(self),
                 "metric": self.metric, "ours": ours, "pgd20": beside, "verdict": verdict}
+
+
+def short(group: str) -> str:
+    """A run group's name as the claims table prints it: the overfitting regime's suffix shortened to ``-ovf``."""
+    return group.replace(f"-{OVERFIT_TAG}", "-ovf")
+
+
+# the reference tables' columns as the claims table names them
+PUBLISHED_COLUMNS = {"nrr_cw": "NRR (C&W)", "robust_delta": "AA last - best"}
 
 
 def published_values(claim: Claim) -> str:
@@ -140,11 +152,21 @@ def published_values(claim: Claim) -> str:
 
     values = []
     for table, row, column in claim.published:
-        values.append(f"{row} {TABLES[table].rows[row][column]:.2f}")
+        values.append(f"{row} {PUBLISHED_COLUMNS.get(column, column)} {TABLES[table].rows[row][column]:.2f}")
     return f"{', '.join(values)} ({TABLES[claim.published[0][0]].source.split(',')[0]})" if values else "-"
 
 
 _TABLE1_NRR = (("tradeoff", "CURE", "nrr_cw"), ("tradeoff", "TRADES", "nrr_cw"))
+_AT, _AWP, _RWP, _CURE = (overfit_name(g) for g in ("AT", "AWP", "RWP", "CURE-code"))
+
+
+def _table3_delta(*groups: str) -> tuple[tuple[str, str, str], ...]:
+    return tuple(("overfitting", g, "robust_delta") for g in groups)
+
+
+def _rwp_sweep(prefix: str, values: Sequence[float], default: float) -> tuple[str, ...]:
+    """The overfitting-regime run groups of one RWP sweep, in sweep order (the default value is ``RWP`` itself)."""
+    return tuple(overfit_name("RWP" if v == default else f"RWP-{prefix}{v:g}") for v in values)
 CLAIMS: tuple[Claim, ...] = (
     Claim("cure-nrr-over-trades", "CURE", "CURE (paper text) has a better natural-robust trade-off (NRR) than "
           "TRADES (Table 1)", "greater", "last_worst_nrr", ("CURE", "TRADES"), published=_TABLE1_NRR),
@@ -168,7 +190,28 @@ CLAIMS: tuple[Claim, ...] = (
           "best_worst", ("AT", "AWP-g0.0025", "AWP-g0.005", "AWP", "AWP-g0.02", "AWP-g0.04")),
     Claim("awp-small-loss-range-closes-the-gap", "RWP", "AWP generated from the small-loss examples alone "
           "([0, 0.5)) leaves a smaller best - last robust gap than AWP from the large-loss ones ([1.5, inf)) "
-          "(Fig. 1c)", "greater", "best_minus_last_worst", ("AWP-loss1.5-inf", "AWP-loss0-0.5")),
+          "(Fig. 1c)", "greater", "best_minus_last_worst", (overfit_name("AWP-loss1.5-inf"), overfit_name("AWP-loss0-0.5"))),
+    # the overfitting regime (layerlab.experiments.OVERFIT): best - last is robust overfitting
+    Claim("at-robust-overfits", "CURE", "AT robust-overfits: its best checkpoint is more robust than its last "
+          "(CURE Table 3, RWP Fig. 1b)", "at_least", "best_minus_last_worst", (_AT,), value=0.0,
+          published=_table3_delta("AT")),
+    Claim("awp-closes-at-gap", "CURE", "AWP's best - last robust gap is smaller than AT's (CURE Table 3)", "greater",
+          "best_minus_last_worst", (_AT, _AWP), published=_table3_delta("AT", "AWP")),
+    Claim("cure-code-closes-at-gap", "CURE", "CURE (as the released code runs it) has a smaller best - last robust "
+          "gap than AT (CURE Fig. 5c, Table 3)", "greater", "best_minus_last_worst", (_AT, _CURE),
+          published=_table3_delta("AT", "CURE")),
+    Claim("rwp-closes-at-gap", "RWP", "RWP's best - last robust gap is smaller than AT's (RWP Fig. 3c, Table 1)",
+          "greater", "best_minus_last_worst", (_AT, _RWP)),
+    Claim("rwp-over-awp-last", "RWP", "RWP is more robust than AWP at the last checkpoint (RWP Table 1)", "greater",
+          "last_worst", (_RWP, _AWP)),
+    Claim("rwp-over-at-best", "RWP", "RWP's best checkpoint is more robust than AT's (RWP Table 1)", "greater",
+          "best_worst", (_RWP, _AT)),
+    Claim("rwp-cmin-peaks-inside", "RWP", "RWP's best robust accuracy peaks inside the c_min sweep "
+          f"({', '.join(f'{c:g}' for c in RWP_CMIN_SWEEP)}) (Fig. 3a)", "peaks_inside", "best_worst",
+          _rwp_sweep("cmin", RWP_CMIN_SWEEP, C_MIN)),
+    Claim("rwp-k2-peaks-inside", "RWP", "RWP's best robust accuracy peaks inside the K2 sweep "
+          f"({', '.join(map(str, RWP_K2_SWEEP))}) (Fig. 3b)", "peaks_inside", "best_worst",
+          _rwp_sweep("k", RWP_K2_SWEEP, 10)),
 )
 
 
@@ -209,7 +252,9 @@ def readme_section(results: str | Path, rows: Sequence[dict[str, Any]]) -> str:
         f"paper's direction, **not reproduced** when they separate the other way, **inconclusive** when they "
         f"overlap or a group has fewer than {MIN_SEEDS} seeds. Robust accuracy is the point-wise worst case over "
         f"PGD-20, CW-100 and AutoAttack's APGD-CE + APGD-T on the first 1,000 test images at the last checkpoint; "
-        f"PGD-20 alone is shown beside it. Nothing in this table is typed by hand.", "",
+        f"PGD-20 alone is shown beside it. Claims on best - last read the overfitting regime's runs "
+        f"(`layerlab.experiments.OVERFIT`; `-ovf` stands for their groups' suffix `-{OVERFIT_TAG}`) at the "
+        f"best-on-validation and the last checkpoint. Nothing in this table is typed by hand.", "",
         claims_table(rows), END])
 
 

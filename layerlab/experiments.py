@@ -29,8 +29,8 @@ from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.evaluation import eval_file, evaluate_run
 from layerlab.methods import METHODS, build_method
 from layerlab.methods.cure import CODE_ARGS
-from layerlab.methods.perturbation import C_MIN
-from layerlab.plots.experiments import plot_curves_and_removal, plot_group_bars, plot_sweep
+from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
+from layerlab.plots.experiments import plot_curves_and_removal, plot_epoch_curves, plot_group_bars, plot_sweep
 from layerlab.train import train
 
 SEEDS = (0, 1, 2)
@@ -124,19 +124,63 @@ def _cure_decision() -> tuple[RunSpec, ...]:
     return (_ST, *seed_major(order))
 
 
+def _pilot(n: int, epochs: int, width: float, v: int | None = None) -> RunSpec:
+    """One overfitting-pilot setting: PGD-10 AT on ``n`` training images for ``epochs`` at ``width`` (step decay
+    at 50% / 75%), ``AT-nN-eE-wW[-vV]``. ``v``: validation and per-epoch test subset size, when smaller than the
+    profile's 500 (the per-epoch evaluation costs as much as a 1,000-image training epoch)."""
+    small = {"val_size": v, "eval_size": v} if v else {}
+    return RunSpec(f"AT-n{n}-e{epochs}-w{width}" + (f"-v{v}" if v else ""),
+                   {"method": "at", "train_size": n, "epochs": epochs, "width": width,
+                    "keep_every": max(1, epochs // 10), **small, "seed": 0})
+
+
+# The CPU regime in which AT robust-overfits, as the pilot found it: width 0.25 is capacity-bound (training
+# adversarial accuracy stays ~31% even at lr 0.001); width 0.5 starts to overfit on 1,000 images in 60 epochs and
+# overfits clearly on 500 images in 100 epochs. Its AT run is the pilot's run of that setting.
+OVERFIT_AT = _pilot(500, 100, 0.5, v=200)
+OVERFIT_TAG = OVERFIT_AT.name.removeprefix("AT-")
+OVERFIT = {k: v for k, v in OVERFIT_AT.changes.items() if k not in ("method", "seed")}
+
+
 def _overfit_pilot() -> tuple[RunSpec, ...]:
-    """Training-set size, epochs and width at which AT robust-overfits on a CPU (step decay at 50% / 75%).
-    ``v``: validation and per-epoch test subset size, when smaller than the profile's 500 (the per-epoch
-    evaluation costs as much as a 1,000-image training epoch)."""
-    def at(n: int, epochs: int, width: float, v: int | None = None) -> RunSpec:
-        small = {"val_size": v, "eval_size": v} if v else {}
-        return RunSpec(f"AT-n{n}-e{epochs}-w{width}" + (f"-v{v}" if v else ""),
-                       {"method": "at", "train_size": n, "epochs": epochs, "width": width,
-                        "keep_every": max(1, epochs // 10), **small})
-    # width 0.25 is capacity-bound (training adversarial accuracy stays ~31% even at lr 0.001), width 0.5 starts
-    # to overfit at 1,000 images and 60 epochs: the next settings give width 0.5 fewer images or longer decays
-    return (at(2000, 60, 0.25), at(1000, 60, 0.25), at(1000, 60, 0.5), at(500, 100, 0.5, v=200),
-            at(1000, 120, 0.5, v=200))
+    """Training-set size, epochs and width at which AT robust-overfits on a CPU (see :data:`OVERFIT`)."""
+    return (_pilot(2000, 60, 0.25), _pilot(1000, 60, 0.25), _pilot(1000, 60, 0.5), OVERFIT_AT)
+
+
+def overfit_name(name: str) -> str:
+    """A run group's name in the overfitting regime (``AT`` -> ``AT-n500-e100-w0.5-v200``)."""
+    return f"{name}-{OVERFIT_TAG}"
+
+
+_OVERFIT_ST = RunSpec(overfit_name("ST"), {"method": "st", **OVERFIT, "eval_every": 10})
+
+
+def _overfit(name: str, method: str, *, init: str | None = None, **changes: Any) -> list[RunSpec]:
+    """``name`` trained in the overfitting regime with each seed; ``init="ST"``: from the regime's ST model."""
+    return seeded(overfit_name(name), method=method, init=_OVERFIT_ST.name if init == "ST" else init,
+                  **OVERFIT, **changes)
+
+
+def _overfit_methods() -> list[list[RunSpec]]:
+    return [_overfit("AT", "at"), _overfit("RWP", "rwp"), _overfit("AWP", "awp"),
+            _overfit("CURE-code", "cure", init="ST", method_args=dict(CODE_ARGS)), _overfit("TRADES", "trades")]
+
+
+def _robust_overfitting() -> tuple[RunSpec, ...]:
+    """CURE Fig. 4 / 5c / Table 3 and RWP Fig. 1b / Table 1 in the overfitting regime: AT, RWP, AWP, CURE (as the
+    released code runs it, from the regime's ST model) and TRADES, best and last checkpoints."""
+    return (_OVERFIT_ST, *seed_major(_overfit_methods()))
+
+
+def _rwp_sweeps() -> tuple[RunSpec, ...]:
+    """RWP Fig. 3a / 3b in the overfitting regime: RWP's c_min and K2, one at a time around the defaults."""
+    defaults = inspect.signature(METHODS["rwp"][0]).parameters
+    order = [_overfit("RWP", "rwp")]
+    order += [_overfit(f"RWP-cmin{c:g}", "rwp", method_args={"c_min": c})
+              for c in RWP_CMIN_SWEEP if c != defaults["c_min"].default]
+    order += [_overfit(f"RWP-k{k}", "rwp", method_args={"steps": k})
+              for k in RWP_K2_SWEEP if k != defaults["steps"].default]
+    return tuple(seed_major(order))
 
 
 FREEZE_SPECS = ("1", "4", "23", "123")
@@ -161,12 +205,8 @@ AWP_GAMMA_MULTIPLES = (0.5, 1, 2, 4, 8)
 AWP_LOSS_RANGES = ((0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, math.inf))
 
 
-def _awp(gamma: float | None = None, loss_range: tuple[float, float] | None = None) -> list[RunSpec]:
-    """AT-AWP: the default (``AWP``), another ``gamma`` (``AWP-gG``) or one loss range (``AWP-lossLO-HI``)."""
-    if loss_range is not None:
-        lo, hi = loss_range
-        args = {"loss_lo": lo, **({} if math.isinf(hi) else {"loss_hi": hi})}
-        return seeded(f"AWP-loss{lo:g}-{hi:g}", method="awp", method_args=args)
+def _awp(gamma: float | None = None) -> list[RunSpec]:
+    """AT-AWP: the default (``AWP``) or another ``gamma`` (``AWP-gG``)."""
     if gamma is None or gamma == AWP_DEFAULT_GAMMA:
         return seeded("AWP", method="awp")
     return seeded(f"AWP-g{gamma:g}", method="awp", method_args={"gamma": gamma})
@@ -178,15 +218,20 @@ def _awp_gamma() -> tuple[RunSpec, ...]:
 
 
 def _awp_loss_ranges() -> tuple[RunSpec, ...]:
-    """RWP Fig. 1c: AWP (gamma 0.01) generated only from the examples whose adversarial loss lies in one range,
-    against AT and AWP on every example."""
-    return tuple(seed_major([_at(), _awp(), *(_awp(loss_range=r) for r in AWP_LOSS_RANGES)]))
+    """RWP Fig. 1c in the overfitting regime: AWP (gamma 0.01) generated only from the examples whose adversarial
+    loss lies in one range, against AT and AWP on every example."""
+    ranges = []
+    for lo, hi in AWP_LOSS_RANGES:
+        args = {"loss_lo": lo, **({} if math.isinf(hi) else {"loss_hi": hi})}
+        ranges.append(_overfit(f"AWP-loss{lo:g}-{hi:g}", "awp", method_args=args))
+    return tuple(seed_major([_overfit("AT", "at"), _overfit("AWP", "awp"), *ranges]))
 
 
 def _lsc_removal() -> tuple[RunSpec, ...]:
-    """RWP appendix: AT without the examples below the LSC value (per-epoch removal rate), against AT and RWP."""
-    return tuple(seed_major([_at(), seeded("AT-remove", method="at-remove", method_args={"c_min": C_MIN}),
-                             seeded("RWP", method="rwp")]))
+    """RWP appendix in the overfitting regime: AT without the examples below the LSC value (per-epoch removal
+    rate), against AT and RWP."""
+    return tuple(seed_major([_overfit("AT", "at"), _overfit("AT-remove", "at-remove", method_args={"c_min": C_MIN}),
+                             _overfit("RWP", "rwp")]))
 
 
 def _cure_eff() -> tuple[RunSpec, ...]:
@@ -228,6 +273,12 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
                    _overfit_pilot(), checkpoints=("best", "last")),
+        Experiment("robust-overfitting", "CURE Fig. 4 / 5c / Table 3, RWP Fig. 1b / Table 1: in the regime where "
+                   "AT robust-overfits, do AWP, RWP and CURE close AT's best - last gap, and does RWP beat AWP? "
+                   "(3 seeds, best and last)", "cpu", _robust_overfitting(), checkpoints=("best", "last")),
+        Experiment("rwp-sweeps", "RWP Fig. 3a / 3b: in the overfitting regime, does RWP's robustness peak inside "
+                   "the c_min and K2 ranges? (3 seeds, best and last)", "cpu", _rwp_sweeps(),
+                   checkpoints=("best", "last")),
         Experiment("awp-gamma", "RWP Fig. 1a: does AWP's best robust accuracy first rise and then fall as its "
                    "weight-perturbation size grows from 0 (AT) to 8 x 5e-3? (3 seeds)", "cpu", _awp_gamma(),
                    checkpoints=("best", "last")),
@@ -450,8 +501,35 @@ def _removal_figure(table: pd.DataFrame, curves_: pd.DataFrame, out: Path) -> li
                             title="AT without the examples below c_min: best and last")]
 
 
+def _overfitting_figures(table: pd.DataFrame, curves_: pd.DataFrame, out: Path) -> list[Path]:
+    """CURE Fig. 5c / RWP Fig. 3c (test robustness per epoch, beside the training accuracy on the adversarial
+    examples: the generalization gap) and CURE Table 3 / RWP Table 1 (best and last checkpoints)."""
+    return [plot_epoch_curves(curves_, {"robust_acc": "test PGD-10 accuracy (%)",
+                                        "train_acc": "training accuracy on its adversarial examples (%)"},
+                              out / "cure_fig5c_rwp_fig3c_overfitting_curves.png",
+                              title="Robust overfitting: test robustness per epoch"),
+            plot_group_bars(table, ROBUST, out / "cure_table3_rwp_table1_best_last.png",
+                            title="Best-on-validation and last checkpoints (1,000 test images)")]
+
+
+def _rwp_sweep_figures(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
+    """RWP Fig. 3a / 3b: best and last robustness against c_min and against K2 (the default run in both)."""
+    hparams = group_hparams("rwp-sweeps")
+    default = group_of(_rwp_sweeps()[0].name)
+    paths = []
+    for key, prefix, name, label, fig in (("rwp.c_min", "RWP-cmin", "c_min", "c_min", "3a"),
+                                          ("rwp.steps", "RWP-k", "K2", "K2 (weight-perturbation steps)", "3b")):
+        part = table[[g == default or g.startswith(prefix) for g in table["group"]]]
+        part = part.assign(value=[hparams[g][key] for g in part["group"]])
+        paths.append(plot_sweep(part, "value", ROBUST, out / f"rwp_fig{fig}_{name.lower()}.png", xlabel=label,
+                                title=f"RWP Fig. {fig}: robustness against {name}"))
+    return paths
+
+
 # experiment -> what its figures are drawn with: (summary table, per-epoch curves, output folder) -> files
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]] = {
+    "robust-overfitting": _overfitting_figures,
+    "rwp-sweeps": _rwp_sweep_figures,
     "awp-gamma": _awp_gamma_figure,
     "awp-loss-ranges": _bars("rwp_fig1c_awp_loss_ranges.png", ROBUST,
                              "RWP Fig. 1c: AWP generated from one loss range"),

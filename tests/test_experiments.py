@@ -167,3 +167,37 @@ def test_the_awp_gamma_figure_puts_each_group_at_its_gamma(tmp_path, monkeypatch
     [png] = ex.FIGURES["awp-gamma"](table, pd.DataFrame(), tmp_path)
     assert png.exists() and drawn == {"AT": 0.0, "AWP-g0.0025": 0.5, "AWP-g0.005": 1.0, "AWP": 2.0, "AWP-g0.02": 4.0,
                                       "AWP-g0.04": 8.0}
+
+
+def test_the_overfitting_regime_shares_the_pilots_run_and_its_figures_draw(tmp_path, monkeypatch) -> None:
+    regime = {s.name: s for s in ex.experiment("robust-overfitting").specs}
+    pilot = {s.name: s for s in ex.experiment("overfit-pilot").specs}
+    assert regime[ex.OVERFIT_AT.name] == pilot[ex.OVERFIT_AT.name]  # the pilot's run is the regime's AT, seed 0
+    for name in ("robust-overfitting", "rwp-sweeps", "awp-loss-ranges", "lsc-removal"):
+        for spec in ex.experiment(name).specs:
+            cfg = spec.config(ex.base_config("cpu"), tmp_path)
+            assert spec.name.startswith(ex.group_of(spec.name)) and ex.OVERFIT_TAG in spec.name, spec.name
+            assert (cfg.train_size, cfg.epochs, cfg.width) == (500, 100, 0.5), spec.name
+    assert regime[ex.overfit_name("CURE-code")].init == ex.overfit_name("ST")
+    # the sweep figure puts each group at its own c_min / K2; every group drawn, the default in both sweeps
+    groups = sorted({ex.group_of(s.name) for s in ex.experiment("rwp-sweeps").specs})
+    table = pd.DataFrame({"group": groups, "n_seeds": 3, "best_robust_mean": range(len(groups)), "best_robust_std": 0.5})
+    drawn = []
+    original = ex.plot_sweep
+
+    def spy(frame, x, metrics, path, **kw):
+        drawn.append(dict(zip(frame["group"].str.replace(f"-{ex.OVERFIT_TAG}", ""), frame[x])))
+        return original(frame, x, metrics, path, **kw)
+
+    monkeypatch.setattr(ex, "plot_sweep", spy)
+    paths = ex.FIGURES["rwp-sweeps"](table, pd.DataFrame(), tmp_path)
+    assert [p.name for p in paths] == ["rwp_fig3a_c_min.png", "rwp_fig3b_k2.png"] and all(p.exists() for p in paths)
+    assert drawn == [{"RWP": 1.7, "RWP-cmin1": 1.0, "RWP-cmin1.4": 1.4, "RWP-cmin2": 2.0, "RWP-cmin2.3": 2.3},
+                     {"RWP": 10, "RWP-k1": 1, "RWP-k3": 3, "RWP-k5": 5}]
+    curves = pd.DataFrame([{"group": g, "seed": s, "epoch": e, "robust_acc": 20.0 + s, "train_acc": 30.0 + e}
+                           for g in ("AT", "RWP") for s in (0, 1) for e in (1, 2, 3)])
+    table = pd.DataFrame({"group": ["AT", "RWP"], "n_seeds": 2, "best_worst_mean": [20.0, 22.0],
+                          "best_worst_std": 1.0, "last_worst_mean": [15.0, 21.0], "last_worst_std": 1.0})
+    paths = ex.FIGURES["robust-overfitting"](table, curves, tmp_path)
+    assert [p.name for p in paths] == ["cure_fig5c_rwp_fig3c_overfitting_curves.png",
+                                       "cure_table3_rwp_table1_best_last.png"] and all(p.exists() for p in paths)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.layerwise import paper_specs
-from layerlab.methods.perturbation import C_MIN
+from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 
 PathMap = dict[str, Path]
 RUN_ROOT = "runs/reproduce"  # the notebooks' and `layerlab reproduce`'s default run root (git ignores runs/)
@@ -107,14 +107,12 @@ class FigureSettings:
 
 
 _FULL_ATTACKS = ("natural", "pgd20", "cw100", "aa")
-_RWP_CMINS = (1.0, 1.4, C_MIN, 2.0, 2.3)
-_RWP_STEPS = (1, 3, 5, 10)
 _SMALL = dict(specs=("1", "23"), noreinit_specs=("23",))
 _FULL = dict(progress=True, specs=tuple(paper_specs(4)), noreinit_specs=tuple(paper_specs(4)),
              methods=("at", "trades", "mart", "awp", "rwp", "cure"), attacks=_FULL_ATTACKS,
              sweep_255=(0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8), cka_batch=100, corruption_severities=(1, 2, 3, 4, 5),
              minpert_n=8, minpert_iters=12, minpert_steps=50, fmn_steps=100, attr_n=6, ig_steps=32, layer_steps=16,
-             lsc_n=1000, lsc_points=21, lsc_directions=3, rwp_cmins=_RWP_CMINS, rwp_steps=_RWP_STEPS)
+             lsc_n=1000, lsc_points=21, lsc_directions=3, rwp_cmins=RWP_CMIN_SWEEP, rwp_steps=RWP_K2_SWEEP)
 
 # Keyed by profile name (config.PROFILES): the gallery trains exactly the profile's config.
 SETTINGS: dict[str, FigureSettings] = {

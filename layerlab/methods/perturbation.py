@@ -52,6 +52,8 @@ from layerlab.methods.objectives import PGDAT, TRADES
 EPS = 1e-20  # the reference codes' guard in ||w|| / (||d|| + EPS)
 SCOPES = ("layer", "model")
 C_MIN = 1.7  # RWP's Loss Stationary Condition on CIFAR-10: the default of the factories, presets, LSC and the CLI
+RWP_CMIN_SWEEP = (1.0, 1.4, C_MIN, 2.0, 2.3)  # RWP Fig. 3a: the c_min values swept
+RWP_K2_SWEEP = (1, 3, 5, 10)  # RWP Fig. 3b: the K2 values swept (10 = the default)
 COUNTERS = ("batches", "perturbed_batches", "steps", "qualified_first", "qualified_total", "examples")
 
 

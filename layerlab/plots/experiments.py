@@ -81,16 +81,20 @@ def draw_epoch_means(curves: pd.DataFrame, column: str, ax, ylabel: str) -> None
     ax.legend(fontsize="small", loc="best")
 
 
+def plot_epoch_curves(curves: pd.DataFrame, panels: dict[str, str], path: str | Path, *, title: str) -> Path:
+    """One panel per ``{column: y label}``: every group's per-epoch mean over seeds with a one-std band."""
+    fig, axes = new_figure(ncols=len(panels), width=5.5)
+    fig.subplots_adjust(wspace=0.35)
+    for ax, (column, label) in zip(axes[0], panels.items()):
+        draw_epoch_means(curves, column, ax, label)
+    axes[0, 0].set_title(f"{title}\n(mean ± std over seeds)", fontsize="medium")
+    return save(fig, path)
+
+
 def plot_curves_and_removal(curves: pd.DataFrame, path: str | Path, *, title: str) -> Path:
     """Test robust accuracy per epoch for every group and, beside it, the removal rate of the groups that record one."""
-    fig, axes = new_figure(ncols=2, width=5.5)
-    fig.subplots_adjust(wspace=0.35)
-    draw_epoch_means(curves, "robust_acc", axes[0, 0], "test PGD accuracy (%)")
-    axes[0, 0].set_title(f"{title}\n(mean ± std over seeds)", fontsize="medium")
+    panels = {"robust_acc": "test PGD accuracy (%)"}
     if "removal_rate" in curves and curves["removal_rate"].notna().any():
-        removal = curves.assign(removal_rate=100.0 * curves["removal_rate"])
-        draw_epoch_means(removal, "removal_rate", axes[0, 1], "training examples removed (%)")
-        axes[0, 1].set_title("removal rate (loss below c_min)", fontsize="medium")
-    else:
-        axes[0, 1].set_axis_off()
-    return save(fig, path)
+        curves = curves.assign(removal_rate=100.0 * curves["removal_rate"])
+        panels["removal_rate"] = "training examples removed (loss below c_min, %)"
+    return plot_epoch_curves(curves, panels, path, title=title)
