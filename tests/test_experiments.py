@@ -111,6 +111,7 @@ def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_
     assert ex.evaluate_experiment("tiny", root, log=lambda _: None) == [
         "ST:last", "AT-fromST:last", "AT-fromST-s1:last", "AT-fromST-s1:last"]
     assert "aa" in runs.read_json(root / "AT-fromST-s1" / "eval-last.json")["results"]
+    assert "aa" not in ex.experiment("tiny").attacks("AT-fromST-s1", "best")  # full AutoAttack: last checkpoint only
     assert ex.evaluate_experiment("tiny", root, log=lambda _: None) == []  # nothing is evaluated twice
     run = root / "AT-fromST"
     assert not (run / "eval.json").exists()  # the last checkpoint's evaluation leaves the best one's alone
