@@ -103,7 +103,7 @@ def test_each_default_has_one_home():
     import inspect
 
     from layerlab.analysis.lsc import lsc_run
-    from layerlab.gallery.figures import default_arg
+    from layerlab.gallery.runs import default_arg
     from layerlab.gallery.settings import SETTINGS
     from layerlab.methods import PRESETS
     from layerlab.methods.cure import RGP_ALPHA, RGP_P

@@ -9,9 +9,8 @@ calls them and records what they used.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 
@@ -29,9 +28,16 @@ from layerlab.gallery.results import (
     shown_checkpoint,
     tradeoff_table,
 )
-from layerlab.gallery.runs import freeze_runs, method_runs, st_checkpoint, summary, variant_runs
-from layerlab.gallery.settings import ANALYSIS_METHODS, CURE_ABLATION, GROUPS, OVERFIT_METHODS, Context, PathMap
-from layerlab.methods import METHODS
+from layerlab.gallery.runs import cure_runs, freeze_runs, method_runs, rwp_sweep_runs, summary
+from layerlab.gallery.settings import (
+    ANALYSIS_METHODS,
+    CURE_ABLATION,
+    CURE_RUN,
+    GROUPS,
+    OVERFIT_METHODS,
+    Context,
+    PathMap,
+)
 from layerlab.plots.accuracy import plot_ablation, plot_freeze_study, plot_sweeps, plot_tradeoff
 from layerlab.plots.cka import plot_cka, plot_cka_grid
 from layerlab.plots.curves import plot_curves
@@ -45,7 +51,6 @@ from layerlab.plots.robustness import (
     plot_eps_sweep,
     plot_minpert,
 )
-from layerlab.study import method_run_name
 
 DRAW: dict[str, Callable[[Context], PathMap]] = {}
 
@@ -103,17 +108,21 @@ def cka(ctx: Context) -> PathMap:
 
 @draws("overfitting")
 def overfitting(ctx: Context) -> PathMap:
-    """Robust overfitting: CURE Fig. 4 (U-spec test curves), Fig. 5c and Table 3 (best/last/delta)."""
+    """Robust overfitting: CURE Fig. 4 (U-spec test curves, the profile's freeze-study runs), Fig. 5c and Table 3
+    (best/last/delta, in the profile's overfitting regime where it has one)."""
     out = ctx.group_dir(GROUPS["overfitting"])
     models = freeze_runs(ctx, reinit=True)
     uspec_runs = [models["SAT"]] + [r for k, r in models.items() if k not in ("ST", "SAT")]
     uspec = write_curves(with_seeds(uspec_runs), out / "fig4_data", plot=False)
-    methods = method_runs(ctx, OVERFIT_METHODS)
+    fig4 = "CURE Fig. 4: SAT (AT) and the U-spec models (updated blocks re-initialized)"
+    if ctx.s.regime:
+        fig4 += "\nthe profile's freeze-study runs, not the overfitting regime's (it has no U-spec runs)"
+    methods = method_runs(ctx.overfitting(), OVERFIT_METHODS)
     compare = write_curves(with_seeds(methods.values()), out / "fig5c_data", plot=False)
     table = _write_csv(overfitting_seed_table({r.name: r for r in methods.values()}),
                        out / "cure_table3_overfitting.csv")
     return {"fig4": plot_curves(uspec["curves"], uspec["overfitting"], out / "cure_fig4_uspec_curves.png",
-                                title="CURE Fig. 4: SAT (AT) and the U-spec models (updated blocks re-initialized)",
+                                title=fig4,
                                 groups=seed_groups(uspec_runs)),
             "fig5c": plot_curves(compare["curves"], compare["overfitting"], out / "cure_fig5c_curves.png",
                                  title=f"CURE Fig. 5c: {', '.join(r.name for r in methods.values())}",
@@ -201,11 +210,12 @@ def minpert_attributions(ctx: Context) -> PathMap:
 @draws("lsc")
 def lsc(ctx: Context) -> PathMap:
     """RWP Fig. 2 (loss landscapes per LSC group across checkpoints) and, as an extension, the share of training
-    adversarial examples below c_min over training (neither RWP Fig. 1b nor its appendix Fig. 4)."""
+    adversarial examples below c_min over training (neither RWP Fig. 1b nor its appendix Fig. 4); AT and RWP in the
+    profile's overfitting regime where it has one."""
     out = ctx.group_dir(GROUPS["lsc"])
     results = {}
     for method in ("at", "rwp"):  # each analysed before the next trains (LSC needs the per-epoch weights)
-        run = method_runs(ctx, [method])[method]
+        run = method_runs(ctx.overfitting(), [method])[method]
         results[run.name] = lsc_result(ctx, run)
     paths = {f"fig2_{name}": plot_lsc(r["lsc"], out / f"rwp_fig2_lsc_{name}.png", label=name)
              for name, r in results.items()}
@@ -214,26 +224,15 @@ def lsc(ctx: Context) -> PathMap:
     return paths
 
 
-def default_arg(method: str, name: str) -> Any:
-    """A method factory's default hyper-parameter value."""
-    return inspect.signature(METHODS[method][0]).parameters[name].default
-
-
 @draws("rwp_ablations")
 def rwp_ablations(ctx: Context) -> PathMap:
     """RWP Fig. 3c (AT vs AWP vs RWP test curves) and Fig. 3a/3b (c_min and K2 sweeps over seeds, with AT and
-    AWP as references)."""
+    AWP as references), in the profile's overfitting regime where it has one."""
     out = ctx.group_dir(GROUPS["rwp_ablations"])
+    ctx = ctx.overfitting()
     base = method_runs(ctx, ["at", "awp", "rwp"])
     curves = write_curves(with_seeds(base.values()), out / "fig3c_data", plot=False)
-    sweeps = {"c_min": ctx.s.rwp_cmins, "steps": ctx.s.rwp_steps}
-    short = {"c_min": "cmin", "steps": "k"}
-    points = []  # (param, value, run directory)
-    for param, values in sweeps.items():
-        default = default_arg("rwp", param)
-        names = {v: f"{method_run_name('rwp')}-{short[param]}{v:g}" for v in values}
-        found = variant_runs(ctx, "rwp", {names[v]: {param: v} for v in values if v != default})
-        points += [(param, v, base["rwp"] if v == default else found[names[v]]) for v in values]
+    points = rwp_sweep_runs(ctx, base["rwp"])
     refs = [base[name] for name in ("at", "awp")]
     # one table, so the sweeps and their references share one robust measure
     every = seed_table({run.name: run for run in [r for _, _, r in points] + refs})
@@ -249,15 +248,13 @@ def rwp_ablations(ctx: Context) -> PathMap:
 
 @draws("cure_ablation")
 def cure_ablation(ctx: Context) -> PathMap:
-    """CURE Table 7: RGP on/off x revision on/off (``p=0`` turns RGP off, ``gamma=0`` revision)."""
+    """CURE Table 7: RGP on/off x revision on/off (``p=0`` turns RGP off, ``gamma=0`` revision) around the
+    gallery's CURE (as the released code runs it), all from the same ST model."""
     out = ctx.group_dir(GROUPS["cure_ablation"])
-    full = method_runs(ctx, ["st", "cure"])["cure"]
-    name = method_run_name("cure")
-    variants = {name + suffix: args for suffix, (_, _, args) in CURE_ABLATION.items() if suffix}
-    found = {**variant_runs(ctx, "cure", variants, init=st_checkpoint(ctx)), full.name: full}
-    table = seed_table({name + suffix: found[name + suffix] for suffix in CURE_ABLATION}).rename(
-        columns={"method": "run"})
-    switches = {name + suffix: (rgp, revision, str(args)) for suffix, (rgp, revision, args) in CURE_ABLATION.items()}
+    found = cure_runs(ctx, CURE_ABLATION)
+    table = seed_table(found).rename(columns={"method": "run"})
+    switches = {CURE_RUN + suffix: (rgp, revision, str(args))
+                for suffix, (rgp, revision, args) in CURE_ABLATION.items()}
     for i, col in enumerate(("rgp", "revision", "args")):
         table.insert(1 + i, col, [switches[r][i] for r in table["run"]])
     return {"table7": _write_csv(table, out / "cure_table7_ablation.csv"),

@@ -17,10 +17,13 @@ from typing import Any, Callable
 import pandas as pd
 
 from layerlab.gallery.results import shown_checkpoint
+from layerlab.gallery.settings import CURE_RUN, SETTINGS
 from layerlab.train import nrr
 
-# our run name -> the paper's method name
-PAPER_NAMES = {"AT": "AT", "TRADES": "TRADES", "MART": "MART", "AWP": "AWP", "CURE": "CURE"}
+_PAPER_NAMES = {"AT": "AT", "TRADES": "TRADES", "MART": "MART", "AWP": "AWP", CURE_RUN: "CURE"}
+# our run name (the profile's, or in a profile's overfitting regime) -> the paper's method name
+PAPER_NAMES = {**_PAPER_NAMES, **{s.regime(run): paper for s in SETTINGS.values() if s.regime
+                                  for run, paper in _PAPER_NAMES.items()}}
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ analyses under a profile; the training config itself is the profile's (:func:`la
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
+from layerlab.experiments import overfit_name
 from layerlab.layerwise import paper_specs
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 
@@ -24,7 +27,11 @@ FIGURES_DIR = "runs/figures"
 OVERFIT_METHODS = ("at", "trades", "awp", "rwp", "cure")
 # Models whose robustness is compared beyond accuracy (corruptions, minimum perturbation, attributions).
 ANALYSIS_METHODS = ("st", "at", "cure")
-# CURE Table 7: run-name suffix -> (RGP on, revision on, CURE arguments). "" is the comparison's CURE/ run.
+# The gallery's CURE runs as the released code runs it (layerlab.methods.cure.CODE_ARGS), from the ST model: the
+# experiments' run of this name (README, "CURE: the paper's text and the released code").
+CURE_RUN = "CURE-code"
+# CURE Table 7: run-name suffix (after CURE_RUN) -> (RGP on, revision on, CURE arguments on top of the gallery's
+# CURE's). "" is the gallery's CURE run itself.
 CURE_ABLATION = {
     "-p0-gamma0": (False, False, {"p": 0, "gamma": 0}),
     "-gamma0": (True, False, {"gamma": 0}),
@@ -103,6 +110,10 @@ class FigureSettings:
     lsc_panels: int = 2  # checkpoints whose landscapes are drawn
     rwp_cmins: tuple[float, ...] = (1.0, C_MIN)
     rwp_steps: tuple[int, ...] = (1, 10)
+    # The robust-overfitting groups (overfitting, lsc, rwp_ablations) read the experiments' runs of a regime in which
+    # AT robust-overfits: run group -> its run name there (layerlab.experiments.overfit_name); None: the profile's
+    # own runs. Fig. 4 (the U-spec curves) stays on the profile's runs: the regime has no U-spec runs.
+    regime: Callable[[str], str] | None = None
     progress: bool = False  # progress bars by default
 
 
@@ -121,8 +132,11 @@ SETTINGS: dict[str, FigureSettings] = {
     "tiny": FigureSettings(st_epochs=ST_EPOCHS["tiny"], **_SMALL),
     "smoke": FigureSettings(st_epochs=ST_EPOCHS["smoke"], **_SMALL),
     # Every spec, attack and sweep value; hours on a CPU.
-    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=500, cka_n=500, corruption_n=500, lsc_panels=3, **_FULL),
-    # The papers' settings (the whole test split); GPU days.
+    # The robust-overfitting figures read the overfitting regime's runs (layerlab.experiments.OVERFIT): at this
+    # size the profile's own training does not overfit.
+    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=500, cka_n=500, corruption_n=500, lsc_panels=3,
+                          regime=overfit_name, **_FULL),
+    # The papers' settings (the whole test split); GPU days. Paper-scale training overfits by itself: no regime.
     "paper": FigureSettings(st_epochs=ST_EPOCHS["paper"], eval_n=None, cka_n=1000, corruption_n=None, lsc_panels=4,
                             **_FULL),
 }
@@ -156,12 +170,18 @@ class Context:
     started: float = field(default_factory=time.time)
     used: dict[str, Path] = field(default_factory=dict)  # run name -> run directory
     sources: list[Path] = field(default_factory=list)  # result files of several runs (RUN_ROOT/analysis/...)
+    regime: Callable[[str], str] | None = None  # the runs are the experiments' runs named so (FigureSettings.regime)
 
     def group_dir(self, group: FigureGroup) -> Path:
         """The figure group's output directory (created)."""
         path = self.figures / group.folder
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def overfitting(self) -> "Context":
+        """This call reading the runs of the profile's overfitting regime (:attr:`FigureSettings.regime`); itself when
+        the profile has none. The runs used and the result files read are collected into the same manifest."""
+        return dataclasses.replace(self, regime=self.s.regime) if self.s.regime else self
 
     def use(self, found: PathMap) -> PathMap:
         """Note runs this call reads (returns ``found`` unchanged)."""
