@@ -45,7 +45,7 @@ def experiments_config(name: str, root: Path) -> TrainConfig:
 
 def test_cpu_overfitting_groups_train_the_experiments_regime_runs(tmp_path, trained) -> None:
     ctx = context("cpu", tmp_path / "runs", tmp_path / "figures").overfitting()
-    assert ctx.regime is ex.overfit_name
+    assert ctx.regime.changes == ex.OVERFIT and ctx.regime.name("AT") == ex.overfit_name("AT")
     table3 = gallery_runs.method_runs(ctx, OVERFIT_METHODS)  # overfitting: CURE Fig. 5c, Table 3
     lsc = gallery_runs.method_runs(ctx, ["at", "rwp"])  # lsc: RWP Fig. 2
     base = gallery_runs.method_runs(ctx, ["at", "awp", "rwp"])  # rwp_ablations: RWP Fig. 3c
@@ -56,6 +56,7 @@ def test_cpu_overfitting_groups_train_the_experiments_regime_runs(tmp_path, trai
     assert set(trained) == regime
     for name, cfg in trained.items():
         assert cfg == experiments_config(name, ctx.root), name
+        assert cfg == cfg.replace(**ctx.regime.changes), name  # the regime the settings name
     assert {m: p.name for m, p in table3.items()} == {m: ex.overfit_name(gallery_runs.run_group(m))
                                                       for m in OVERFIT_METHODS}
     assert lsc["at"] == table3["at"] and base["rwp"] == table3["rwp"]
@@ -94,3 +95,19 @@ def test_a_regime_run_the_experiments_train_otherwise_is_refused_before_training
     with pytest.raises(ValueError, match="no experiment has a run named 'RWP-cmin9"):
         gallery_runs.variant_runs(ctx, "rwp", {"RWP-cmin9": {"c_min": 9.0}})
     assert trained == {}
+
+
+def test_a_manifest_names_the_regime_of_the_runs_its_group_read(tmp_path) -> None:
+    import json
+    from dataclasses import asdict
+
+    from layerlab.gallery.manifest import _jsonable, paper_differences
+
+    ctx = context("cpu", tmp_path / "runs", tmp_path / "figures")
+    ctx.use({"at": ctx.root / "AT"})
+    assert not any(ex.OVERFIT_TAG in d for d in paper_differences(ctx))  # a group on the profile's own runs
+    ctx.overfitting().use({"at": ctx.root / ex.overfit_name("AT")})  # noted in the call's own manifest
+    (note,) = [d for d in paper_differences(ctx) if ex.OVERFIT_TAG in d]
+    assert f"train_size {ex.OVERFIT['train_size']}" in note and f"epochs {ex.OVERFIT['epochs']}" in note
+    assert json.loads(json.dumps(_jsonable(asdict(ctx.s))))["regime"] == {"tag": ex.OVERFIT_TAG,
+                                                                           "changes": ex.OVERFIT}

@@ -124,10 +124,10 @@ def test_cli_reproduce_makes_the_notebook_figures_from_the_same_runs(shared, tmp
     assert str(root) not in (tmp_path / "04_tradeoff" / "manifest.json").read_text()  # no machine path
     assert not (tmp_path / "04_tradeoff" / "data").exists()  # no copies of run files: the manifest names them
     read = {(r["run"], r["file"]): r for r in manifest["reads"]}
-    assert manifest["store"] is None and read["CURE", "eval.json"]["path"] == "RUN_ROOT/CURE/eval.json"
-    assert {r["run"] for r in manifest["runs"]} == {"ST", "AT", "TRADES", "AWP", "RWP", "CURE"}
+    assert manifest["store"] is None and read["CURE-code", "eval.json"]["path"] == "RUN_ROOT/CURE-code/eval.json"
+    assert {r["run"] for r in manifest["runs"]} == {"ST", "AT", "TRADES", "AWP", "RWP", "CURE-code"}
     assert not any(r["trained_in_call"] for r in manifest["runs"]) and manifest["calls"][-1]["training_seconds"] == 0
-    assert {run for run, name in read if name == "eval.json"} == {"AT", "TRADES", "AWP", "RWP", "CURE"}
+    assert {run for run, name in read if name == "eval.json"} == {"AT", "TRADES", "AWP", "RWP", "CURE-code"}
     # every evaluation the tradeoff read was timed when it was made (in the notebook session), once per run
     assert all(r["analysis_costs"].get("eval", 0) > 0 and r["uncosted"] == [] for r in manifest["runs"]
                if r["run"] != "ST")

@@ -75,7 +75,7 @@ def test_manifest_names_the_records_it_read_and_copies_none(drawn):
     assert manifest["store"] == STORE
     read = {(r["run"], r["file"]) for r in manifest["reads"]}
     # the figures are drawn from each run's layer_stats.jsonl (CURE Fig. 6, 10); CURE's ST is only looked up
-    assert {("AT", "layer_stats.jsonl"), ("TRADES", "layer_stats.jsonl"), ("CURE", "layer_stats.jsonl")} <= read
+    assert {("AT", "layer_stats.jsonl"), ("TRADES", "layer_stats.jsonl"), ("CURE-code", "layer_stats.jsonl")} <= read
     assert ("ST", "layer_stats.jsonl") not in read
     for r in manifest["reads"]:
         assert r["path"] == f"{STORE}/{r['run']}/{r['file']}"
@@ -108,10 +108,10 @@ def test_redraw_from_the_records_alone_gives_the_same_figures(drawn, tmp_path, s
 def test_redraw_refuses_to_train_what_the_records_lack(drawn, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(drawn, repo)
-    shutil.rmtree(repo / STORE / "CURE")
-    with pytest.raises(NotRecorded, match="run CURE is not in the records"):
+    shutil.rmtree(repo / STORE / "CURE-code")
+    with pytest.raises(NotRecorded, match="run CURE-code is not in the records"):
         redraw("gradients", repo / "figures")
-    assert not (repo / STORE / "CURE").exists()
+    assert not (repo / STORE / "CURE-code").exists()
 
 
 def test_verify_catches_a_re_made_record_and_a_copied_one(drawn, tmp_path):
@@ -122,11 +122,11 @@ def test_verify_catches_a_re_made_record_and_a_copied_one(drawn, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = repo / STORE / "AT" / "summary.json"
     runs.write_json(summary, {**runs.read_json(summary), "natural_acc": 0.0})  # AT re-made with other numbers
-    shutil.copy(repo / STORE / "CURE" / "layer_stats.jsonl", repo / "figures" / GROUP / "layer_stats.jsonl")
+    shutil.copy(repo / STORE / "CURE-code" / "layer_stats.jsonl", repo / "figures" / GROUP / "layer_stats.jsonl")
     problems = verify(repo / "figures")
     assert problems == [f"{GROUP}: {STORE}/AT/summary.json changed since the group was drawn; "
                         f"draw it again (layerlab records redraw --only gradients)",
-                        f"{GROUP}/layer_stats.jsonl is a copy of {STORE}/CURE/layer_stats.jsonl; "
+                        f"{GROUP}/layer_stats.jsonl is a copy of {STORE}/CURE-code/layer_stats.jsonl; "
                         f"delete it (the manifest names the record)"]
     assert "**not matching its records**: 1 problem(s)" in write_readme(repo / "figures").read_text()
     failed = invoke(app, ["records", "verify", "--figures", str(repo / "figures")])

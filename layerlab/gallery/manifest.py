@@ -185,6 +185,10 @@ def paper_differences(ctx: Context) -> list[str]:
         a, b = getattr(my_s, name), getattr(paper_s, name)
         if a != b:
             out.append(f"{name}: {a} (paper: {b if b is not None else 'whole test split'})")
+    regime = ctx.s.regime
+    if regime is not None and any(regime.tag in name for name in ctx.used):
+        changes = ", ".join(f"{k} {v}" for k, v in regime.changes.items())
+        out.append(f"runs ending in -{regime.tag}: the overfitting regime ({changes}; AT robust-overfits in it)")
     return out
 
 

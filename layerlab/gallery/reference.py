@@ -22,7 +22,7 @@ from layerlab.train import nrr
 
 _PAPER_NAMES = {"AT": "AT", "TRADES": "TRADES", "MART": "MART", "AWP": "AWP", CURE_RUN: "CURE"}
 # our run name (the profile's, or in a profile's overfitting regime) -> the paper's method name
-PAPER_NAMES = {**_PAPER_NAMES, **{s.regime(run): paper for s in SETTINGS.values() if s.regime
+PAPER_NAMES = {**_PAPER_NAMES, **{s.regime.name(run): paper for s in SETTINGS.values() if s.regime
                                   for run, paper in _PAPER_NAMES.items()}}
 
 

@@ -52,8 +52,8 @@ def method_runs(ctx: Context, methods: Iterable[str]) -> PathMap:
     """
     methods = list(dict.fromkeys(methods))
     if ctx.regime is not None:
-        found = experiment_runs(ctx, {ctx.regime(run_group(m)): (m, run_args(m)) for m in methods})
-        return {m: found[ctx.regime(run_group(m))] for m in methods}
+        found = experiment_runs(ctx, {ctx.regime.name(run_group(m)): (m, run_args(m)) for m in methods})
+        return {m: found[ctx.regime.name(run_group(m))] for m in methods}
     plain = [m for m in methods if m != "cure"]
     if plain:
         _finished_or_trainable(ctx, [method_run_name(m) for m in plain])
@@ -105,8 +105,8 @@ def variant_runs(ctx: Context, method: str, variants: dict[str, dict[str, Any]],
 
     Returns ``{run name: run directory}`` (the name without the regime's part)."""
     if ctx.regime is not None:
-        found = experiment_runs(ctx, {ctx.regime(name): (method, dict(args)) for name, args in variants.items()})
-        return {name: found[ctx.regime(name)] for name in variants}
+        found = experiment_runs(ctx, {ctx.regime.name(name): (method, dict(args)) for name, args in variants.items()})
+        return {name: found[ctx.regime.name(name)] for name in variants}
     todo = {name: args for name, args in variants.items() if not (ctx.root / name / "summary.json").exists()}
     _finished_or_trainable(ctx, todo)
     splits = splits_for(ctx.cfg) if todo else None

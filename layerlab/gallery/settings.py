@@ -3,7 +3,9 @@
 Each :class:`FigureGroup` record is the only home of a group's names: its key (``layerlab reproduce --only``),
 number, folder under the figures directory, notebook and title. :data:`SETTINGS` sizes each group's runs and
 analyses under a profile; the training config itself is the profile's (:func:`layerlab.config.make_config`), so
-``layerlab train``, ``compare``, ``freeze-study`` and ``reproduce`` with one profile share their runs.
+``layerlab train``, ``compare``, ``freeze-study`` and ``reproduce`` with one profile share their runs. A profile's
+overfitting regime (:attr:`FigureSettings.regime`) is the exception: the robust-overfitting groups then read the
+runs of :mod:`layerlab.experiments` in that regime, with the experiments' configs.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
-from layerlab.experiments import overfit_name
+from layerlab.experiments import OVERFIT, OVERFIT_TAG
 from layerlab.layerwise import paper_specs
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 
@@ -83,6 +85,24 @@ def group_of(name: str) -> FigureGroup:
 
 
 @dataclass(frozen=True)
+class Regime:
+    """A training regime of :mod:`layerlab.experiments` whose runs some figure groups read instead of the profile's:
+    the tag its run names end in and its config changes on the profile's config (both the experiments')."""
+
+    tag: str
+    changes: dict[str, Any]
+
+    def name(self, group: str) -> str:
+        """A run group's name in the regime (``AT`` -> ``AT-n500-e100-w0.5-v200``)."""
+        return f"{group}-{self.tag}"
+
+
+# The regime in which AT robust-overfits at CPU scale (layerlab.experiments.OVERFIT; its robust-overfitting and
+# rwp-sweeps experiments train its runs).
+OVERFITTING = Regime(OVERFIT_TAG, dict(OVERFIT))
+
+
+@dataclass(frozen=True)
 class FigureSettings:
     """How big each figure's runs and analyses are under one profile."""
 
@@ -110,10 +130,10 @@ class FigureSettings:
     lsc_panels: int = 2  # checkpoints whose landscapes are drawn
     rwp_cmins: tuple[float, ...] = (1.0, C_MIN)
     rwp_steps: tuple[int, ...] = (1, 10)
-    # The robust-overfitting groups (overfitting, lsc, rwp_ablations) read the experiments' runs of a regime in which
-    # AT robust-overfits: run group -> its run name there (layerlab.experiments.overfit_name); None: the profile's
-    # own runs. Fig. 4 (the U-spec curves) stays on the profile's runs: the regime has no U-spec runs.
-    regime: Callable[[str], str] | None = None
+    # The robust-overfitting groups (overfitting, lsc, rwp_ablations) read the experiments' runs of this regime, in
+    # which AT robust-overfits; None: the profile's own runs. Fig. 4 (the U-spec curves) stays on the profile's runs:
+    # the regime has no U-spec runs.
+    regime: Regime | None = None
     progress: bool = False  # progress bars by default
 
 
@@ -135,7 +155,7 @@ SETTINGS: dict[str, FigureSettings] = {
     # The robust-overfitting figures read the overfitting regime's runs (layerlab.experiments.OVERFIT): at this
     # size the profile's own training does not overfit.
     "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=500, cka_n=500, corruption_n=500, lsc_panels=3,
-                          regime=overfit_name, **_FULL),
+                          regime=OVERFITTING, **_FULL),
     # The papers' settings (the whole test split); GPU days. Paper-scale training overfits by itself: no regime.
     "paper": FigureSettings(st_epochs=ST_EPOCHS["paper"], eval_n=None, cka_n=1000, corruption_n=None, lsc_panels=4,
                             **_FULL),
@@ -170,7 +190,7 @@ class Context:
     started: float = field(default_factory=time.time)
     used: dict[str, Path] = field(default_factory=dict)  # run name -> run directory
     sources: list[Path] = field(default_factory=list)  # result files of several runs (RUN_ROOT/analysis/...)
-    regime: Callable[[str], str] | None = None  # the runs are the experiments' runs named so (FigureSettings.regime)
+    regime: Regime | None = None  # the runs are the experiments' runs in this regime (FigureSettings.regime)
 
     def group_dir(self, group: FigureGroup) -> Path:
         """The figure group's output directory (created)."""
