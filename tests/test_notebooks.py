@@ -220,5 +220,5 @@ def test_tiny_gallery_reports_the_numbers_recorded_before_the_refactor(shared):
         pytest.skip(f"recorded with torch {recorded['torch']}, this is {torch.__version__}: floats may differ")
     made = gallery_numbers(shared["runs"], shared["figures"])
     common = sorted(set(made) & set(recorded["numbers"]))
-    assert len(common) >= 20 and {"AT/eval.json", "CURE/eval.json", "U-23/summary.json"} <= set(common)
+    assert len(common) >= 20 and {"AT/eval.json", "CURE-code/eval.json", "U-23/summary.json"} <= set(common)
     assert {k: made[k] for k in common} == {k: recorded["numbers"][k] for k in common}
