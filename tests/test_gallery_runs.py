@@ -4,6 +4,7 @@ replaced by a spy that records the config and marks the run finished (no model i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_cpu_overfitting_groups_train_the_experiments_regime_runs(tmp_path, trai
     assert cure.init == str(ctx.root / ex.overfit_name("ST") / "checkpoints" / "best.pt")
     assert trained[ex.overfit_name("AT")].keep_every == ex.OVERFIT["keep_every"]  # RWP Fig. 2's checkpoints
     swept = {(param, value) for param, value, _ in sweeps}
-    assert swept == {("c_min", c) for c in SETTINGS["cpu"].rwp_cmins} | {("steps", k) for k in SETTINGS["cpu"].rwp_steps}
+    cpu = SETTINGS["cpu"]
+    assert swept == {("c_min", c) for c in cpu.rwp_cmins} | {("steps", k) for k in cpu.rwp_steps}
     assert all(run.name.endswith(ex.OVERFIT_TAG) for _, _, run in sweeps)
     assert {s.regime for p, s in SETTINGS.items() if p != "cpu"} == {None}  # the other profiles keep their runs
 
@@ -89,7 +91,7 @@ def test_gallery_cure_and_its_table7_variants_are_the_experiments_cure_code(tmp_
 
 def test_a_regime_run_the_experiments_train_otherwise_is_refused_before_training(tmp_path, trained) -> None:
     ctx = context("cpu", tmp_path / "runs", tmp_path / "figures").overfitting()
-    with pytest.raises(ValueError, match="the experiments train AT-n500"):
+    with pytest.raises(ValueError, match=f"the experiments train {re.escape(ex.overfit_name('AT'))} as at"):
         gallery_runs.experiment_runs(ctx, {ex.overfit_name("RWP"): ("rwp", {}),
                                            ex.overfit_name("AT"): ("awp", {})})
     with pytest.raises(ValueError, match="no experiment has a run named 'RWP-cmin9"):
