@@ -8,7 +8,7 @@ with one thread each. A run that starts from another (``init``) waits until that
 dependency that is only a record (no checkpoints) is retrained first (:func:`layerlab.records.materialize`).
 
 Run names carry the training seed as ``-sN``; a name without it is seed 0, so the gallery's single-seed runs
-(``AT``, ``CURE``, ...) are the seed-0 members of these sets.
+(``AT``, ``CURE-code``, ...) are the seed-0 members of these sets.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _trades() -> list[RunSpec]:
 
 
 def _cure(name: str = "CURE", **method_args: Any) -> list[RunSpec]:
-    """CURE from the ST model; without ``method_args`` the paper-text defaults (the gallery's ``CURE``)."""
+    """CURE from the ST model; without ``method_args`` the paper-text defaults (``CURE``)."""
     return seeded(name, method="cure", init="ST", **({"method_args": method_args} if method_args else {}))
 
 
