@@ -191,6 +191,14 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("awp-small-loss-range-closes-the-gap", "RWP", "AWP generated from the small-loss examples alone "
           "([0, 0.5)) leaves a smaller best - last robust gap than AWP from the large-loss ones ([1.5, inf)) "
           "(Fig. 1c)", "greater", "best_minus_last_worst", (overfit_name("AWP-loss1.5-inf"), overfit_name("AWP-loss0-0.5"))),
+    # CURE Table 7 around CURE as the released code runs it (experiment cure-ablation)
+    *(Claim(f"{part}-raises-{short_metric}", "CURE", f"{label} raises CURE's {what} (Table 7)", "greater", metric,
+            ("CURE-code", f"CURE-code{suffix}"),
+            published=(("cure_ablation", "RGP + revision (CURE)", column), ("cure_ablation", row, column)))
+      for part, label, suffix, row in (("rgp", "RGP", "-p0", "revision only"),
+                                       ("revision", "The revision model", "-gamma0", "RGP only"))
+      for short_metric, what, metric, column in (("natural", "natural accuracy", "last_natural", "natural"),
+                                                 ("robustness", "robustness", "last_worst", "pgd20"))),
     # the overfitting regime (layerlab.experiments.OVERFIT): best - last is robust overfitting
     Claim("at-robust-overfits", "CURE", "AT robust-overfits: its best checkpoint is more robust than its last "
           "(CURE Table 3, RWP Fig. 1b)", "at_least", "best_minus_last_worst", (_AT,), value=0.0,

@@ -19,6 +19,7 @@ from typing import Any
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
 from layerlab.experiments import OVERFIT, OVERFIT_TAG
 from layerlab.layerwise import paper_specs
+from layerlab.methods.cure import TABLE7_ABLATION
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 
 PathMap = dict[str, Path]
@@ -34,12 +35,7 @@ ANALYSIS_METHODS = ("st", "at", "cure")
 CURE_RUN = "CURE-code"
 # CURE Table 7: run-name suffix (after CURE_RUN) -> (RGP on, revision on, CURE arguments on top of the gallery's
 # CURE's). "" is the gallery's CURE run itself.
-CURE_ABLATION = {
-    "-p0-gamma0": (False, False, {"p": 0, "gamma": 0}),
-    "-gamma0": (True, False, {"gamma": 0}),
-    "-p0": (False, True, {"p": 0}),
-    "": (True, True, {}),
-}
+CURE_ABLATION = TABLE7_ABLATION
 
 
 @dataclass(frozen=True)

@@ -525,6 +525,13 @@ _R18 = {"p": RGP_P, "rgp_alpha": RGP_ALPHA, "gamma": 1.0, "r": 0.2, "d": 0.999}
 # How the released code (NeurAI-Lab/CURE) runs CURE where it differs from the paper's text (README table).
 CODE_ARGS = {"beta": 5.0, "attack": "kl", "r_decay": "none", "d_ramp": True, "revision_bn": "train",
              "mask_rule": "code"}
+# CURE Table 7: run-name suffix -> (RGP on, revision on, CURE arguments that turn them off); "" is CURE itself.
+TABLE7_ABLATION = {
+    "-p0-gamma0": (False, False, {"p": 0, "gamma": 0}),
+    "-gamma0": (True, False, {"gamma": 0}),
+    "-p0": (False, True, {"p": 0}),
+    "": (True, True, {}),
+}
 _PAPER = "Table 9 (lr 0.1, wd 5e-3, 200 epochs: pass --epochs 200; start from an ST model with --init)"
 _CODE = ("released code (its README: lr 0.1, wd 7e-4, 120 epochs: pass --epochs 120; --init an ST model; "
          "KL weight 5, KL attack, ramped decay, constant r, revision BatchNorm in train mode, rgp_soft mask)")
