@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from layerlab import claims, runs
-from layerlab.gallery.manifest import MANIFEST, make, redraw, verify, write_readme
+from layerlab.gallery.manifest import MANIFEST, make, read_manifests, redraw, verify, write_readme
 from layerlab.gallery.reference import comparison_table, markdown_table
-from layerlab.gallery.settings import FIGURES_DIR, GALLERY_DIR, GROUPS, RUN_ROOT, PathMap, group_of
+from layerlab.gallery.settings import FIGURES_DIR, GALLERY_DIR, GROUPS, RUN_ROOT, PathMap, base_config, group_of
 
 NOTEBOOKS_DIR = "notebooks"  # where the notebooks are, relative to the repository root; they run from there
 REPOSITORY = Path("..")  # the repository root, relative to the notebooks' working directory
@@ -117,6 +117,8 @@ def _strip(nb: Any) -> Any:
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        if not cell.metadata.get("tags", True):
+            cell.metadata.pop("tags")
         if cell.cell_type != "code":
             continue
         kept = []
@@ -152,9 +154,15 @@ def execute(notebooks: str | Path = NOTEBOOKS_DIR, only: Sequence[str] | None = 
     figures = notebooks / figures_dir(None, None)
     if not figures.is_dir():
         raise FileNotFoundError(f"{figures} does not exist; run from the repository root or pass --notebooks DIR")
+    profiles = {m["profile"] for m in read_manifests(figures) if m["key"] in {g.key for g in groups}}
+    if not os.environ.get("LAYERLAB_DATA") and any(base_config(p).dataset != "digits" for p in profiles):
+        raise FileNotFoundError(f"the groups were drawn at profile {', '.join(sorted(profiles))}, whose data a "
+                                f"redraw loads; set LAYERLAB_DATA=DIR to the directory holding it")
     problems = verify(figures)
     machine = [str(p) for p in (notebooks.resolve().parent, Path(tempfile.gettempdir()).resolve(), Path.home())]
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # one thread; the kernels import the library of the checkout the notebooks are in
+    path = os.pathsep.join([str(notebooks.resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
     done = {}
     for group in groups:
         path = notebooks / group.notebook
