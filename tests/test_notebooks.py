@@ -157,10 +157,12 @@ def test_execute_names_the_missing_data_before_any_work(monkeypatch, snapshot_fi
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory):
-    """One run root and figure folder for every notebook of the session; one thread per kernel."""
+    """One run root and figure folder for every notebook of the session; one thread per kernel, which imports this
+    checkout's library."""
     base = tmp_path_factory.mktemp("notebooks")
-    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND", "PYTHONPATH")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg",
+                      PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [old["PYTHONPATH"]])]))
     yield {"runs": base / "runs", "figures": base / "figures", "executed": base / "executed"}
     for key, value in old.items():
         if value is None:
