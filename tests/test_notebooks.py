@@ -126,8 +126,10 @@ def test_verdict_reads_the_claims_from_the_experiments_results(tmp_path):
 
 
 def test_verdict_without_claims_shows_the_papers_numbers_or_the_runs_read():
-    overfitting = verdict_markdown("overfitting", REPO / "figures", REPO / EXPERIMENTS)
-    assert "Published: CURE Table 3" in overfitting and "**Verdicts**" not in overfitting
+    ablation = verdict_markdown("cure_ablation", REPO / "figures", REPO / EXPERIMENTS)
+    assert "Published: CURE Table 7" in ablation and "**Verdicts**" not in ablation
+    overfitting = verdict_markdown("overfitting", REPO / "figures", REPO / EXPERIMENTS)  # claims, then the paper's
+    assert overfitting.index("**Verdicts**") < overfitting.index("Published: CURE Table 3")
     gradients = verdict_markdown("gradients", REPO / "figures", REPO / EXPERIMENTS)
     manifest = json.loads((REPO / "figures" / "06_gradients" / "manifest.json").read_text())
     assert [line.split(" | ")[0][2:] for line in gradients.splitlines()[4:]] == [r["run"] for r in manifest["runs"]]
