@@ -22,7 +22,8 @@ from committed_gallery import REPO, STALE  # noqa: E402
 from layerlab import claims  # noqa: E402
 from layerlab.gallery import GROUPS  # noqa: E402
 from layerlab.gallery.manifest import SHOWN  # noqa: E402
-from layerlab.gallery.notebooks import EXPERIMENTS, clear, execute, parameters_source, verdict_markdown  # noqa: E402
+from layerlab.gallery.notebooks import (EXPERIMENTS, clear, execute, parameters_source, paths_named,  # noqa: E402
+                                        verdict_markdown)
 
 NOTEBOOKS = REPO / "notebooks"
 # The numbers the tiny gallery reported at 7bd14fd, before the gallery became a package (gallery_numbers); the
@@ -81,9 +82,7 @@ def test_committed_outputs_are_the_committed_gallery(name):
     results, and nothing names this machine. Groups drawn from replaced records are committed without outputs."""
     nb, group = read(name), GROUP[name]
     nbformat.validate(nb)
-    text = nbformat.writes(nb)
-    for machine in (str(REPO), tempfile.gettempdir() + "/"):
-        assert machine not in text, f"{name}: names {machine}"
+    assert paths_named(nb, [REPO, Path(tempfile.gettempdir()).resolve()]) == [], f"{name}: names a machine path"
     assert not {"papermill", "widgets"} & set(nb.metadata), f"{name}: execution metadata committed"
     code = [c for c in nb.cells if c.cell_type == "code"]
     if group.folder in STALE:
@@ -145,6 +144,15 @@ def test_clear_keeps_no_output_and_no_execution_metadata():
     cleared = clear(nb)
     assert cleared.cells[0].outputs == [] and cleared.cells[0].execution_count is None
     assert cleared.cells[0].metadata == {} and dict(cleared.metadata) == {"language_info": {"name": "python"}}
+
+
+def test_paths_named_reads_text_and_metadata_not_images():
+    image = nbformat.v4.new_output("display_data", data={"image/png": "iVBO/some/rootAAAA"})
+    label = nbformat.v4.new_output("display_data", data={"text/markdown": "`/some/root/fig.png`"})
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("show()", outputs=[image])])
+    assert paths_named(nb, ["/some/root"]) == []
+    nb.cells[0].outputs.append(label)
+    assert paths_named(nb, ["/some/root", "/elsewhere"]) == ["/some/root"]
 
 
 def test_execute_names_the_missing_data_before_any_work(monkeypatch, snapshot_files):

@@ -134,6 +134,18 @@ def _strip(nb: Any) -> Any:
     return nb
 
 
+def paths_named(nb: Any, paths: Sequence[str | Path]) -> list[str]:
+    """The ``paths`` a notebook's text names (its sources and outputs, images left out: base64 may hold anything)."""
+    text = [c.source for c in nb.cells]
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            text += [str(v) for k, v in out.get("data", {}).items() if not k.startswith("image/")]
+            text += [str(out.get("text", "")), str(out.get("metadata", ""))]
+    text.append(str(nb.metadata))
+    joined = "\n".join(text)
+    return [str(p) for p in paths if str(p) in joined]
+
+
 def clear(nb: Any) -> Any:
     """A notebook without outputs and execution counts."""
     for cell in nb.cells:
@@ -159,27 +171,35 @@ def execute(notebooks: str | Path = NOTEBOOKS_DIR, only: Sequence[str] | None = 
         raise FileNotFoundError(f"the groups were drawn at profile {', '.join(sorted(profiles))}, whose data a "
                                 f"redraw loads; set LAYERLAB_DATA=DIR to the directory holding it")
     problems = verify(figures)
-    machine = [str(p) for p in (notebooks.resolve().parent, Path(tempfile.gettempdir()).resolve(), Path.home())]
+    machine = [notebooks.resolve().parent, Path(tempfile.gettempdir()).resolve()]
     # one thread; the kernels import the library of the checkout the notebooks are in
-    path = os.pathsep.join([str(notebooks.resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(machine[0]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     done = {}
-    for group in groups:
-        path = notebooks / group.notebook
-        stale = [p for p in problems if p.startswith((f"{group.folder}:", f"{group.folder}/"))]
-        if stale:
-            nbformat.write(clear(nbformat.read(path, as_version=4)), path)
-            done[group.key] = f"outputs cleared: {len(stale)} record problem(s), e.g. {stale[0]}"
-            continue
-        with tempfile.TemporaryDirectory(prefix="layerlab-notebook-") as tmp:
-            executed = Path(tmp) / group.notebook
-            papermill.execute_notebook(str(path), str(executed), cwd=str(notebooks), kernel_name="python3",
-                                       progress_bar=False, log_output=False)
-            nb = _strip(nbformat.read(executed, as_version=4))
-        text = nbformat.writes(nb)
-        found = [m for m in machine if m in text]
-        if found:
-            raise ValueError(f"{path}: its outputs name {found[0]}; show paths relative to the notebook")
-        nbformat.write(nb, path)
-        done[group.key] = "executed"
+    try:
+        for group in groups:
+            path = notebooks / group.notebook
+            stale = [p for p in problems if p.startswith((f"{group.folder}:", f"{group.folder}/"))]
+            if stale:
+                nbformat.write(clear(nbformat.read(path, as_version=4)), path)
+                done[group.key] = f"outputs cleared: {len(stale)} record problem(s), e.g. {stale[0]}"
+                continue
+            with tempfile.TemporaryDirectory(prefix="layerlab-notebook-") as tmp:
+                executed = Path(tmp) / group.notebook
+                papermill.execute_notebook(str(path), str(executed), cwd=str(notebooks), kernel_name="python3",
+                                           progress_bar=False, log_output=False)
+                nb = _strip(nbformat.read(executed, as_version=4))
+            found = paths_named(nb, machine)
+            if found:
+                raise ValueError(f"{path}: its outputs name {found[0]}; show paths relative to the notebook")
+            nbformat.write(nb, path)
+            done[group.key] = "executed"
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return done
