@@ -27,6 +27,8 @@ from layerlab.config import EPS, PGD_STEP, ST_EPOCHS
 from layerlab.evaluation import ATTACK_HELP, DEFAULT_SWEEP_255, eval_file, evaluate_run
 from layerlab.gallery import GROUPS, redraw, verify, write_readme
 from layerlab.gallery import reproduce as run_all
+from layerlab.gallery.notebooks import NOTEBOOKS_DIR
+from layerlab.gallery.notebooks import execute as execute_notebooks
 from layerlab.gallery.settings import group_of
 from layerlab.loggers import LOGGERS, loggers
 from layerlab.methods import METHODS, PRESETS, resolve_method
@@ -574,6 +576,22 @@ def records_redraw(
     except (ValueError, FileNotFoundError, FileExistsError, NotRecorded) as err:
         _fail(err)
     write_readme(figures)
+
+
+@app.command()
+def notebooks(
+    only: Optional[str] = typer.Option(None, help="comma-separated figure groups (default: all, in notebook order)"),
+    folder: Path = typer.Option(Path(NOTEBOOKS_DIR), "--notebooks", help="the notebooks' directory; the committed "
+                                "gallery and records are beside it (../figures, ../results)"),
+) -> None:
+    """Execute the figure notebooks in place for committing: each group drawn again from the records (nothing
+    trains) and shown, volatile metadata stripped; a group not matching its records is left without outputs."""
+    try:
+        done = execute_notebooks(folder, [k.strip() for k in only.split(",") if k.strip()] if only else None)
+    except (ValueError, FileNotFoundError, NotRecorded) as err:
+        _fail(err)
+    for key, what in done.items():
+        typer.echo(f"{GROUPS[key].notebook}: {what}")
 
 
 @app.command()

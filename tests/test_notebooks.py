@@ -1,11 +1,16 @@
-"""The figure notebooks: committed without outputs, one papermill parameters cell, and every notebook runs top
-to bottom at smoke scale, in order, on one shared run root (later notebooks re-use earlier runs)."""
+"""The figure notebooks: each tells its figure group's story (title, claim, one papermill parameters cell, the
+call, the figures and tables, the verdict computed by the library, the gallery link); committed with the outputs
+of `layerlab notebooks` (drawn from the committed records), which must match the committed gallery, except the
+groups drawn from replaced records (no outputs); and every notebook runs top to bottom at smoke scale, in order,
+on one shared run root (later notebooks re-use earlier runs)."""
 
 from __future__ import annotations
 
-import ast
+import base64
+import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,20 +18,28 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 
+from committed_gallery import REPO, STALE  # noqa: E402
+from layerlab import claims  # noqa: E402
 from layerlab.gallery import GROUPS  # noqa: E402
+from layerlab.gallery.manifest import SHOWN  # noqa: E402
+from layerlab.gallery.notebooks import (EXPERIMENTS, clear, execute, parameters_source, paths_named,  # noqa: E402
+                                        verdict_markdown)
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = REPO / "notebooks"
 # The numbers the tiny gallery reported at 7bd14fd, before the gallery became a package (gallery_numbers); the
 # tables that since report seeds (mean and std at both checkpoints) are left out, their runs' numbers are kept.
 RECORDED = Path(__file__).resolve().parent / "data" / "tiny_gallery_numbers.json"
 ORDER = [g.notebook for g in GROUPS.values()]
-KEY = {g.notebook: g.key for g in GROUPS.values()}
+GROUP = {g.notebook: g for g in GROUPS.values()}
 SLOW = {"10_rwp_ablations.ipynb", "11_cure_ablation.ipynb"}  # the most training: several extra runs each
-PARAMETERS = ("PROFILE", "RUN_ROOT", "DATA_DIR", "FIGURES")
 
 
 def read(name: str):
     return nbformat.read(NOTEBOOKS / name, as_version=4)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_notebooks_match_the_figure_registry():
@@ -34,36 +47,132 @@ def test_notebooks_match_the_figure_registry():
     assert ORDER == sorted(ORDER)  # numbered in the order they run
 
 
-@pytest.mark.parametrize("name", ORDER)
-def test_committed_notebook_has_no_outputs(name):
-    nb = read(name)
-    nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before committing"
-    assert "widgets" not in nb.metadata, f"{name}: saved widget state"
+def test_each_claim_is_shown_by_one_figure_group():
+    shown = [k for g in GROUPS.values() for k in g.claims]
+    assert sorted(shown) == sorted(c.key for c in claims.CLAIMS), "name each claim in exactly one FigureGroup.claims"
 
 
 @pytest.mark.parametrize("name", ORDER)
-def test_notebook_starts_with_one_parameters_cell_and_calls_its_figure(name):
-    nb = read(name)
-    first = nb.cells[0]
-    assert first.cell_type == "code" and "parameters" in first.metadata.get("tags", [])
+def test_notebook_tells_its_story_in_order(name):
+    """Title, the parameters cell (the library's), the call, the figures, the verdict, the gallery link."""
+    nb, group = read(name), GROUP[name]
+    title, parameters = nb.cells[:2]
+    assert title.cell_type == "markdown" and title.source.startswith(f"# {group.number:02d} · {group.title}\n")
+    assert parameters.cell_type == "code" and "parameters" in parameters.metadata.get("tags", [])
+    assert parameters.source == parameters_source()  # every default has one home: gallery.notebooks.PARAMETERS
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
-    assigned = {t.id: node.value for node in ast.parse(first.source).body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name)}
-    assert set(assigned) == set(PARAMETERS)
-    assert ast.literal_eval(assigned["PROFILE"]) == "tiny"
-    code = "\n".join(c.source for c in nb.cells[1:] if c.cell_type == "code")
-    assert f'gallery.make("{KEY[name]}", PROFILE, RUN_ROOT, FIGURES, DATA_DIR)' in code
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    calls = [f'gallery.draw("{group.key}", PROFILE, RUN_ROOT, FIGURES, DATA_DIR)', "gallery.show(paths)",
+             f'gallery.verdict("{group.key}", PROFILE, FIGURES)']
+    at = [next(i for i, source in enumerate(code) if call in source) for call in calls]
+    assert at == sorted(at), "draw, show, then the verdict"
+    link = f"(../figures/README.md#{group.folder})"
+    assert link in nb.cells[-1].source and nb.cells[-1].cell_type == "markdown"
+    assert f"\n## {group.folder}\n" in (REPO / "figures" / "README.md").read_text()  # the anchor GitHub makes
+
+
+def shown_outputs(nb) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if SHOWN in o.get("metadata", {})]
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_outputs_are_the_committed_gallery(name):
+    """CI's staleness check: every figure and table a committed notebook shows is the current file of figures/
+    (the PNG's bytes, the table's sha256), its verdict is what the library computes now from the committed
+    results, and nothing names this machine. Groups drawn from replaced records are committed without outputs."""
+    nb, group = read(name), GROUP[name]
+    nbformat.validate(nb)
+    assert paths_named(nb, [REPO, Path(tempfile.gettempdir()).resolve()]) == [], f"{name}: names a machine path"
+    assert not {"papermill", "widgets"} & set(nb.metadata), f"{name}: execution metadata committed"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    if group.folder in STALE:
+        assert all(c.outputs == [] and c.execution_count is None for c in code), \
+            f"{name}: its group reads replaced records; commit it without outputs (`layerlab notebooks` clears them)"
+        return
+    fix = f"re-execute it: LAYERLAB_DATA=DIR layerlab notebooks --only {group.key}"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), f"{name}: not executed in order; {fix}"
+    manifest = json.loads((REPO / "figures" / group.folder / "manifest.json").read_text())
+    files = {f"{group.folder}/{f}" for f in manifest["files"].values()}
+    shown = shown_outputs(nb)
+    assert {o.metadata[SHOWN]["file"] for o in shown} == files, f"{name}: shows other files than its group; {fix}"
+    for out in shown:
+        path = REPO / "figures" / out.metadata[SHOWN]["file"]
+        assert out.metadata[SHOWN]["sha256"] == sha256(path.read_bytes()), f"{name}: shows an older {path.name}; {fix}"
+        if "image/png" in out.data:
+            assert sha256(base64.b64decode(out.data["image/png"])) == sha256(path.read_bytes()), (name, path.name)
+    cell = next(c for c in code if "gallery.verdict(" in c.source)
+    assert [o.data["text/markdown"] for o in cell.outputs] == [
+        verdict_markdown(group.key, REPO / "figures", REPO / EXPERIMENTS)], f"{name}: the verdict changed; {fix}"
+
+
+def test_verdict_reads_the_claims_from_the_experiments_results(tmp_path):
+    """The freeze study's verdicts follow the per-run results: U-23 well above SAT over three seeds each is
+    reproduced; with two seeds it is inconclusive; the table is the claims' own (python -m layerlab.claims)."""
+    group = GROUPS["freeze_study"]
+    header = "run,group,seed,last_natural,last_robust,last_worst\n"
+    rows = [f"U-23{s},U-23,{i},{60 + i},30,{28 + i}\n" for i, s in enumerate(("", "-s1", "-s2"))]
+    rows += [f"AT{s},AT,{i},{40 + i},25,{20 + i}\n" for i, s in enumerate(("", "-s1", "-s2"))]
+    (tmp_path / "study-runs.csv").write_text(header + "".join(rows))
+    text = verdict_markdown("freeze_study", REPO / "figures", tmp_path)
+    known = {c.key: c for c in claims.CLAIMS}
+    table = claims.claims_table(claims.read_rows([tmp_path / "study-runs.csv"]), [known[k] for k in group.claims])
+    assert table in text
+    natural, robust = (line for line in text.splitlines() if line.startswith("| U-23 is more"))
+    assert "61.0 ± 1.0 (n=3)" in natural and natural.endswith("**reproduced** |")
+    assert robust.endswith("**reproduced** |")
+    (tmp_path / "study-runs.csv").write_text(header + "".join(r for r in rows if "-s2" not in r))
+    assert "**reproduced**" not in verdict_markdown("freeze_study", REPO / "figures", tmp_path)
+
+
+def test_verdict_without_claims_shows_the_papers_numbers_or_the_runs_read():
+    ablation = verdict_markdown("cure_ablation", REPO / "figures", REPO / EXPERIMENTS)
+    assert "Published: CURE Table 7" in ablation and "**Verdicts**" not in ablation
+    overfitting = verdict_markdown("overfitting", REPO / "figures", REPO / EXPERIMENTS)  # claims, then the paper's
+    assert overfitting.index("**Verdicts**") < overfitting.index("Published: CURE Table 3")
+    gradients = verdict_markdown("gradients", REPO / "figures", REPO / EXPERIMENTS)
+    manifest = json.loads((REPO / "figures" / "06_gradients" / "manifest.json").read_text())
+    assert [line.split(" | ")[0][2:] for line in gradients.splitlines()[4:]] == [r["run"] for r in manifest["runs"]]
+
+
+def test_clear_keeps_no_output_and_no_execution_metadata():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1", execution_count=3, outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="warning from /somewhere"),
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBO", "text/plain": "<Image>"})])],
+        metadata={"papermill": {"input_path": "/somewhere"}, "widgets": {}, "language_info": {"name": "python",
+                                                                                            "version": "3.x"}})
+    nb.cells[0].metadata.update(papermill={"duration": 1.0}, execution={"iopub.status.idle": "now"}, tags=[])
+    cleared = clear(nb)
+    assert cleared.cells[0].outputs == [] and cleared.cells[0].execution_count is None
+    assert cleared.cells[0].metadata == {} and dict(cleared.metadata) == {"language_info": {"name": "python"}}
+
+
+def test_paths_named_reads_text_and_metadata_not_images():
+    image = nbformat.v4.new_output("display_data", data={"image/png": "iVBO/some/rootAAAA"})
+    label = nbformat.v4.new_output("display_data", data={"text/markdown": "`/some/root/fig.png`"})
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("show()", outputs=[image])])
+    assert paths_named(nb, ["/some/root"]) == []
+    nb.cells[0].outputs.append(label)
+    assert paths_named(nb, ["/some/root", "/elsewhere"]) == ["/some/root"]
+
+
+def test_execute_names_the_missing_data_before_any_work(monkeypatch, snapshot_files):
+    monkeypatch.delenv("LAYERLAB_DATA", raising=False)
+    before = snapshot_files(NOTEBOOKS)
+    with pytest.raises(FileNotFoundError, match="set LAYERLAB_DATA=DIR"):
+        execute(NOTEBOOKS, only=["gradients"])
+    assert snapshot_files(NOTEBOOKS) == before
+    with pytest.raises(ValueError, match="unknown figure group"):
+        execute(NOTEBOOKS, only=["nope"])
 
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory):
-    """One run root and figure folder for every notebook of the session; one thread per kernel."""
+    """One run root and figure folder for every notebook of the session; one thread per kernel, which imports this
+    checkout's library."""
     base = tmp_path_factory.mktemp("notebooks")
-    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND", "PYTHONPATH")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg",
+                      PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [old["PYTHONPATH"]])]))
     yield {"runs": base / "runs", "figures": base / "figures", "executed": base / "executed"}
     for key, value in old.items():
         if value is None:

@@ -85,7 +85,9 @@ def redraw(key: str, figures_dir: str | Path = FIGURES_DIR, data_dir: str | None
            progress: bool | None = None) -> PathMap:
     """Draw figure group ``key`` again from the records its manifest names, alone: the runs it read are restored
     into a temporary run root and drawn inside :func:`layerlab.records.records_only` (nothing trains; a result
-    the records lack is an error). The group's figures and manifest are rewritten; returns ``{name: path}``."""
+    the records lack is an error). The group's figures and manifest are rewritten; returns ``{name: path}``.
+    A redraw that leaves every file of the group as it was, from the same records, leaves the manifest as it was
+    too (it still describes those files): redrawing an up-to-date group changes nothing on disk."""
     group = group_of(key)
     path = Path(figures_dir) / group.folder / MANIFEST
     if not path.is_file():
@@ -94,11 +96,22 @@ def redraw(key: str, figures_dir: str | Path = FIGURES_DIR, data_dir: str | None
     if not manifest.get("store"):
         raise ValueError(f"{path} names no records directory; re-make the group with --records DIR")
     store = Path(figures_dir).resolve().parent / manifest["store"]
+    before = _file_bytes(path.parent)
     with tempfile.TemporaryDirectory(prefix="layerlab-redraw-") as root:
         restore_records(store, root, names={r["run"] for r in manifest["reads"]})
         with records_only():
-            return make(group.key, manifest["profile"], root, figures_dir, data_dir, progress=progress,
-                        records=store)
+            paths = make(group.key, manifest["profile"], root, figures_dir, data_dir, progress=progress,
+                         records=store)
+    after = _file_bytes(path.parent)
+    if (runs.read_json(path)["reads"] == manifest["reads"]
+            and {k: v for k, v in after.items() if k != MANIFEST} == {k: v for k, v in before.items() if k != MANIFEST}):
+        path.write_bytes(before[MANIFEST])
+    return paths
+
+
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (its path relative to it -> its bytes)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_dir: str | Path = FIGURES_DIR,
@@ -142,11 +155,17 @@ def reproduce(profile: str = "tiny", run_root: str | Path = RUN_ROOT, figures_di
     return done
 
 
+SHOWN = "layerlab"  # the output metadata key under which :func:`show` names the file an output displays
+
+
 def show(paths: PathMap) -> None:
-    """Display a figure group's PNGs and CSV tables in a notebook (prints the paths elsewhere)."""
+    """Display a figure group's PNGs, CSV tables (as data frames) and HTML tables in a notebook (prints the paths
+    elsewhere). Each file is labelled with its shorter path (relative to the working directory or absolute), and
+    its output's metadata name it (``GROUP/FILE``) with the sha256 of the bytes shown, so a committed notebook's
+    outputs can be checked against the files."""
     try:  # IPython: only inside a notebook
         from IPython import get_ipython
-        from IPython.display import Image, Markdown, display
+        from IPython.display import HTML, Image, Markdown, display
     except ImportError:
         get_ipython = None  # noqa: N806
     if get_ipython is None or get_ipython() is None:
@@ -154,11 +173,15 @@ def show(paths: PathMap) -> None:
             print(f"{name}: {path}")
         return
     for name, path in paths.items():
-        display(Markdown(f"**{name}**: `{path}`"))
-        if Path(path).suffix == ".png":
-            display(Image(filename=str(path)))
-        elif Path(path).suffix == ".csv":
-            display(pd.read_csv(path).round(2))
+        path = Path(path)
+        display(Markdown(f"**{name}**: `{min(str(path), os.path.relpath(path), key=len)}`"))
+        shown = {SHOWN: {"file": f"{path.parent.name}/{path.name}", "sha256": record_hash(path.read_bytes())}}
+        if path.suffix == ".png":
+            display(Image(filename=str(path)), metadata=shown)
+        elif path.suffix == ".csv":
+            display(pd.read_csv(path).round(2), metadata=shown)
+        elif path.suffix == ".html":
+            display(HTML(path.read_text()), metadata=shown)
 
 
 def describe_data(dataset: str, data_dir: str | None) -> str:

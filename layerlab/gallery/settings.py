@@ -1,7 +1,8 @@
 """What the gallery makes and how big: the figure groups, the figure settings per profile, one call's context.
 
 Each :class:`FigureGroup` record is the only home of a group's names: its key (``layerlab reproduce --only``),
-number, folder under the figures directory, notebook and title. :data:`SETTINGS` sizes each group's runs and
+number, folder under the figures directory, notebook, title and the papers' claims (:data:`layerlab.claims.CLAIMS`)
+its figures show. :data:`SETTINGS` sizes each group's runs and
 analyses under a profile; the training config itself is the profile's (:func:`layerlab.config.make_config`), so
 ``layerlab train``, ``compare``, ``freeze-study`` and ``reproduce`` with one profile share their runs. A profile's
 overfitting regime (:attr:`FigureSettings.regime`) is the exception: the robust-overfitting groups then read the
@@ -25,6 +26,7 @@ from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 PathMap = dict[str, Path]
 RUN_ROOT = "runs/reproduce"  # the notebooks' and `layerlab reproduce`'s default run root (git ignores runs/)
 FIGURES_DIR = "runs/figures"
+GALLERY_DIR = "figures"  # the committed gallery, drawn from the records under results/
 
 # The robust-overfitting comparison (CURE Fig. 5c, Table 3).
 OVERFIT_METHODS = ("at", "trades", "awp", "rwp", "cure")
@@ -40,12 +42,14 @@ CURE_ABLATION = TABLE7_ABLATION
 
 @dataclass(frozen=True)
 class FigureGroup:
-    """One figure group: what ``--only`` calls it, its number, notebook and title (its folder follows)."""
+    """One figure group: what ``--only`` calls it, its number, notebook and title (its folder follows), and the keys
+    of the claims (:data:`layerlab.claims.CLAIMS`) its figures show, whose verdicts its notebook prints."""
 
     key: str
     number: int
     notebook: str
     title: str
+    claims: tuple[str, ...] = ()
 
     @property
     def folder(self) -> str:
@@ -55,10 +59,15 @@ class FigureGroup:
 
 # In notebook order: later groups re-use earlier groups' runs.
 GROUPS: dict[str, FigureGroup] = {g.key: g for g in (
-    FigureGroup("freeze_study", 1, "01_freeze_study.ipynb", "Layer-wise freeze study (CURE Fig. 2b, 11)"),
+    FigureGroup("freeze_study", 1, "01_freeze_study.ipynb", "Layer-wise freeze study (CURE Fig. 2b, 11)",
+                ("u23-natural-over-sat", "u23-robust-over-sat", "u23-code-natural-over-sat",
+                 "u23-code-robust-over-sat")),
     FigureGroup("cka", 2, "02_representation_similarity.ipynb", "CKA natural vs adversarial (CURE Fig. 3, 12)"),
-    FigureGroup("overfitting", 3, "03_robust_overfitting.ipynb", "Robust overfitting (CURE Fig. 4, 5c, Table 3)"),
-    FigureGroup("tradeoff", 4, "04_tradeoff.ipynb", "Natural-robust trade-off (CURE Fig. 1, 5a, Table 1)"),
+    FigureGroup("overfitting", 3, "03_robust_overfitting.ipynb", "Robust overfitting (CURE Fig. 4, 5c, Table 3)",
+                ("at-robust-overfits", "awp-closes-at-gap", "cure-code-closes-at-gap")),
+    FigureGroup("tradeoff", 4, "04_tradeoff.ipynb", "Natural-robust trade-off (CURE Fig. 1, 5a, Table 1)",
+                ("cure-nrr-over-trades", "cure-code-nrr-over-trades", "cure-beats-trades-from-st",
+                 "cure-code-beats-trades-from-st")),
     FigureGroup("attack_strength", 5, "05_attack_strength.ipynb", "Accuracy against the attack's eps (CURE Fig. 5b)"),
     FigureGroup("gradients", 6, "06_gradient_analysis.ipynb", "Gradients and updated weights (CURE Fig. 6)"),
     FigureGroup("corruptions", 7, "07_natural_corruptions.ipynb", "Natural corruptions (CURE Fig. 7, 9)"),
@@ -66,7 +75,9 @@ GROUPS: dict[str, FigureGroup] = {g.key: g for g in (
                 "Minimum perturbations (CURE Fig. 8) and attributions (extension)"),
     FigureGroup("lsc", 9, "09_lsc_landscapes.ipynb",
                 "LSC loss landscapes (RWP Fig. 2) and small-loss share (extension)"),
-    FigureGroup("rwp_ablations", 10, "10_rwp_ablations.ipynb", "RWP curves and c_min / K2 sweeps (RWP Fig. 3)"),
+    FigureGroup("rwp_ablations", 10, "10_rwp_ablations.ipynb", "RWP curves and c_min / K2 sweeps (RWP Fig. 3)",
+                ("awp-gamma-peaks-inside", "awp-small-loss-range-closes-the-gap", "rwp-closes-at-gap",
+                 "rwp-over-awp-last", "rwp-over-at-best", "rwp-cmin-peaks-inside", "rwp-k2-peaks-inside")),
     FigureGroup("cure_ablation", 11, "11_cure_ablation.ipynb", "CURE ablation (CURE Table 7)"),
     FigureGroup("explorer", 12, "12_interactive_explorer.ipynb", "The interactive explorer"),
 )}
