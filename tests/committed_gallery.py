@@ -17,3 +17,8 @@ COMMITTED = sorted(p.parent.name for p in (REPO / "figures").glob("*/manifest.js
 # leave this list.
 STALE = {"02_cka", "07_corruptions", "08_minpert_attributions", "04_tradeoff", "05_attack_strength",
          "11_cure_ablation"}
+# Drawn by an earlier definition of their group and still matching their records: the gallery's CURE is now
+# CURE-code (the released code's configuration) and, at the cpu profile, the robust-overfitting groups read the
+# overfitting regime's runs, which are still training. Strict: a group re-made by the current definition must
+# leave this list (test_store checks both ways).
+PENDING = {"03_overfitting", "09_lsc", "10_rwp_ablations", "12_explorer"}

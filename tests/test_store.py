@@ -177,3 +177,21 @@ def test_committed_readme_links_each_group_to_its_records():
         section = readme.split(f"## {group}\n", 1)[1].split("\n## ", 1)[0]
         for run in {r["run"] for r in manifest["reads"]}:
             assert f"[{run}](../{manifest['store']}/{run}/)" in section, (group, run)
+
+
+def test_every_group_drawn_by_an_earlier_definition_is_listed_as_pending_or_stale() -> None:
+    from committed_gallery import PENDING
+
+    from layerlab.experiments import OVERFIT_TAG, group_of
+    from layerlab.gallery.settings import CURE_RUN, group_of as figure_group
+
+    regime_groups = {"overfitting", "lsc", "rwp_ablations"}
+
+    def current(folder: str) -> bool:
+        read = {r["run"] for r in json.loads((REPO / "figures" / folder / "manifest.json").read_text())["reads"]}
+        cure = {group_of(r) for r in read if r.startswith("CURE")}
+        if cure and not cure <= {CURE_RUN + suffix for suffix in ("", "-p0", "-gamma0", "-p0-gamma0")}:
+            return False  # a paper-text CURE run, where the gallery now reads CURE-code
+        return figure_group(folder).key not in regime_groups or any(OVERFIT_TAG in r for r in read)
+
+    assert {g for g in COMMITTED if not current(g)} == PENDING | STALE

@@ -14,6 +14,8 @@ from typing import Callable
 
 import pandas as pd
 
+from layerlab import runs
+
 from layerlab.analysis.curves import write_curves
 from layerlab.analysis.layer_stats import read_layer_stats
 from layerlab.gallery.results import (
@@ -160,6 +162,15 @@ def attack_strength(ctx: Context) -> PathMap:
                                     out / "cure_fig5b_eps_sweep.png")}
 
 
+def _mask_note(run_dir: Path) -> str | None:
+    """What a CURE run's "updated" share means under the released code's mask rule (else None)."""
+    hparams = runs.read_json(run_dir / "config.json").get("method_hparams", {})
+    if hparams.get("rgp.rule") != "code":
+        return None
+    return ("released code's mask: the blocks' conv1 gradients below the p-th percentile are zeroed, but momentum "
+            "and weight decay still move those weights, so a step changes nearly all of them")
+
+
 @draws("gradients")
 def gradients(ctx: Context) -> PathMap:
     """CURE Fig. 6a (gradient per block over training) and 6b (CURE's weights updated per layer and phase: per
@@ -171,7 +182,7 @@ def gradients(ctx: Context) -> PathMap:
     paths = {"fig6a": plot_block_gradient_panels({run_dirs[k].name: stats[k] for k in ("at", "cure")},
                                                   out / "cure_fig6a_grads_per_block.png"),
              "fig6b": plot_updated_by_phase(stats["cure"], out / "cure_fig6b_updated_cure.png",
-                                            label=run_dirs["cure"].name)}
+                                            label=run_dirs["cure"].name, note=_mask_note(run_dirs["cure"]))}
     for name in ("at", "trades"):
         label = f"{run_dirs[name].name} (extension, not a paper figure)"
         paths[f"ext_updated_{name}"] = plot_updated_by_phase(stats[name], out / f"ext_updated_{name}.png", label)

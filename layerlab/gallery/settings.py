@@ -78,7 +78,9 @@ GROUPS: dict[str, FigureGroup] = {g.key: g for g in (
     FigureGroup("rwp_ablations", 10, "10_rwp_ablations.ipynb", "RWP curves and c_min / K2 sweeps (RWP Fig. 3)",
                 ("awp-gamma-peaks-inside", "awp-small-loss-range-closes-the-gap", "rwp-closes-at-gap",
                  "rwp-over-awp-last", "rwp-over-at-best", "rwp-cmin-peaks-inside", "rwp-k2-peaks-inside")),
-    FigureGroup("cure_ablation", 11, "11_cure_ablation.ipynb", "CURE ablation (CURE Table 7)"),
+    FigureGroup("cure_ablation", 11, "11_cure_ablation.ipynb", "CURE ablation (CURE Table 7)",
+                ("rgp-raises-natural", "rgp-raises-robustness", "revision-raises-natural",
+                 "revision-raises-robustness")),
     FigureGroup("explorer", 12, "12_interactive_explorer.ipynb", "The interactive explorer"),
 )}
 

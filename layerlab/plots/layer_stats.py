@@ -4,6 +4,8 @@ least once per epoch)."""
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +61,11 @@ def draw_updated_by_phase(stats, ax, view: str = "per_step", weights_only: bool 
     ax.legend(title="phase", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_updated_by_phase(stats, path: str | Path, label: str = "run", weights_only: bool = True) -> Path:
+def plot_updated_by_phase(stats, path: str | Path, label: str = "run", weights_only: bool = True,
+                          note: str | None = None) -> Path:
     """Weights updated per layer and phase of run ``label``: the share a step changes and, where the run
     recorded it, the share changed at least once per epoch (which tells a mask that keeps the same entries every
-    step from one whose entries move)."""
+    step from one whose entries move); ``note`` goes under the title."""
     views = [v for v in UPDATED_VIEWS if UPDATED_VIEWS[v][0] in stats]
     layers = stats[stats["shape"].map(len) > 1]["param"].nunique() if weights_only else stats["param"].nunique()
     fig, axes = new_figure(nrows=len(views), width=max(6.0, 0.35 * layers + 2), height=3.6)
@@ -70,9 +73,11 @@ def plot_updated_by_phase(stats, path: str | Path, label: str = "run", weights_o
         draw_updated_by_phase(stats, ax, view, weights_only, title=f"{label}: {UPDATED_VIEWS[view][1]}")
     for ax in axes[:-1, 0]:
         ax.set_xlabel("")  # one x label, under the bottom panel
-    if len(views) == 1:
-        axes[0, 0].set_title(axes[0, 0].get_title() + "\n(the at-least-once view needs a run trained with it "
-                             "recorded)", fontsize="small")
+    notes = ([note] if note else []) + (["the at-least-once view needs a run trained with it recorded"]
+                                        if len(views) == 1 else [])
+    if notes:
+        wrapped = [textwrap.fill(f"({n})", 100) for n in notes]
+        axes[0, 0].set_title("\n".join([axes[0, 0].get_title(), *wrapped]), fontsize="small")
     fig.tight_layout()
     return save(fig, path)
 
