@@ -8,7 +8,8 @@ byte for byte as it was); with one it makes the group at that profile (:func:`~l
 experiments' per-run results), the papers' published numbers beside ours (:mod:`~layerlab.gallery.reference`), or,
 for a group with neither, the numbers of the runs it was drawn from. :func:`execute` runs the notebooks for
 committing (``layerlab notebooks``): papermill with the default parameters, one thread, no volatile metadata; a
-group whose manifest does not match its records is committed without outputs.
+group whose manifest does not match its records, or that the records cannot draw (it was drawn by an earlier
+definition of the group), is committed without outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from layerlab import claims, runs
+from layerlab.records import NotRecorded
 from layerlab.gallery.manifest import MANIFEST, make, read_manifests, redraw, verify, write_readme
 from layerlab.gallery.reference import comparison_table, markdown_table
 from layerlab.gallery.settings import FIGURES_DIR, GALLERY_DIR, GROUPS, RUN_ROOT, PathMap, base_config, group_of
@@ -188,8 +190,16 @@ def execute(notebooks: str | Path = NOTEBOOKS_DIR, only: Sequence[str] | None = 
                 continue
             with tempfile.TemporaryDirectory(prefix="layerlab-notebook-") as tmp:
                 executed = Path(tmp) / group.notebook
-                papermill.execute_notebook(str(path), str(executed), cwd=str(notebooks), kernel_name="python3",
-                                           progress_bar=False, log_output=False)
+                try:
+                    papermill.execute_notebook(str(path), str(executed), cwd=str(notebooks), kernel_name="python3",
+                                               progress_bar=False, log_output=False)
+                except papermill.PapermillExecutionError as err:
+                    if err.ename != NotRecorded.__name__:
+                        raise
+                    # drawn by an earlier definition of the group: the current one reads runs the records lack
+                    nbformat.write(clear(nbformat.read(path, as_version=4)), path)
+                    done[group.key] = f"outputs cleared: the group cannot be drawn from the records ({err.evalue})"
+                    continue
                 nb = _strip(nbformat.read(executed, as_version=4))
             found = paths_named(nb, machine)
             if found:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from layerlab.config import ST_EPOCHS, TrainConfig, make_config
-from layerlab.experiments import OVERFIT, OVERFIT_TAG
+from layerlab.experiments import EVAL_N, OVERFIT, OVERFIT_TAG
 from layerlab.layerwise import paper_specs
 from layerlab.methods.cure import TABLE7_ABLATION
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
@@ -163,7 +163,9 @@ SETTINGS: dict[str, FigureSettings] = {
     # Every spec, attack and sweep value; hours on a CPU.
     # The robust-overfitting figures read the overfitting regime's runs (layerlab.experiments.OVERFIT): at this
     # size the profile's own training does not overfit.
-    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=500, cka_n=500, corruption_n=500, lsc_panels=3,
+    # The attack suite and the corruptions on the experiments' EVAL_N test images, so a run's best-checkpoint
+    # evaluation (RUN/eval.json) is one file that gallery and experiments both add attacks to.
+    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=EVAL_N, cka_n=500, corruption_n=EVAL_N, lsc_panels=3,
                           regime=OVERFITTING, **_FULL),
     # The papers' settings (the whole test split); GPU days. Paper-scale training overfits by itself: no regime.
     "paper": FigureSettings(st_epochs=ST_EPOCHS["paper"], eval_n=None, cka_n=1000, corruption_n=None, lsc_panels=4,
