@@ -519,7 +519,11 @@ class Explorer(widgets.VBox):
         self._paths = discover_runs(self.root)
         labels = list(self._paths)
         keep = [v for v in (select if select is not None else self.run_select.value) if v in self._paths]
-        default = [lab for lab in labels if lab.lower() in ("at", "cure")] or labels[:2]
+        # the first AT run and the first CURE run (shortest names first: ``AT`` before ``AT-s1``), else two runs
+        by_name = sorted(labels, key=lambda lab: (len(lab), lab))
+        methods = {lab: self.run(lab).method for lab in by_name}
+        default = [next(lab for lab in by_name if methods[lab] == m) for m in ("at", "cure")
+                   if m in methods.values()] or labels[:2]
         st_runs = [lab for lab in labels if self.run(lab).method == "st" and (self._paths[lab] / "checkpoints"
                                                                              / "best.pt").exists()]
         with self._quiet():
@@ -678,7 +682,7 @@ class Explorer(widgets.VBox):
 
 def explore(run_root: str | Path = "runs/reproduce", **kwargs: Any) -> Explorer:
     """The explorer app for ``run_root`` (display it in a notebook, or serve it with ``layerlab explore``);
-    ``select=[...]`` chooses the runs shown first (default: AT and CURE when present)."""
+    ``select=[...]`` chooses the runs shown first (default: the first AT run and the first CURE run when present)."""
     return Explorer(run_root, **kwargs)
 
 

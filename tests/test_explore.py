@@ -314,3 +314,15 @@ def test_cli_explore_rejects_a_missing_run_root(tmp_path):
 
     result = CliRunner().invoke(app, ["explore", "--runs", str(tmp_path / "missing"), "--no-browser"])
     assert result.exit_code == 2 and "not a directory" in result.output
+
+
+def test_without_a_selection_the_first_at_and_cure_runs_are_shown(root, tmp_path):
+    import shutil
+
+    for name, method in (("AT-s1", "at"), ("AT", "at"), ("CURE-code", "cure"), ("ST", "st")):
+        shutil.copytree(root / ("ST" if method == "st" else "AT"), tmp_path / name,
+                        ignore=shutil.ignore_patterns("checkpoints"))
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["config"]["method"] = method
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert Explorer(tmp_path).run_select.value == ("AT", "CURE-code")
