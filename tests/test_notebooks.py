@@ -126,7 +126,15 @@ def test_verdict_reads_the_claims_from_the_experiments_results(tmp_path):
     assert "**reproduced**" not in verdict_markdown("freeze_study", REPO / "figures", tmp_path)
 
 
-def test_verdict_without_claims_shows_the_papers_numbers_or_the_runs_read():
+def test_verdict_without_claims_shows_the_papers_numbers_or_the_runs_read(monkeypatch):
+    import dataclasses
+    import importlib
+
+    settings = importlib.import_module("layerlab.gallery.settings")  # the package's `settings` is a function
+    ablation = verdict_markdown("cure_ablation", REPO / "figures", REPO / EXPERIMENTS)
+    assert ablation.index("**Verdicts**") < ablation.index("Published: CURE Table 7")
+    monkeypatch.setitem(settings.GROUPS, "cure_ablation",
+                        dataclasses.replace(settings.GROUPS["cure_ablation"], claims=()))
     ablation = verdict_markdown("cure_ablation", REPO / "figures", REPO / EXPERIMENTS)
     assert "Published: CURE Table 7" in ablation and "**Verdicts**" not in ablation
     overfitting = verdict_markdown("overfitting", REPO / "figures", REPO / EXPERIMENTS)  # claims, then the paper's
