@@ -168,7 +168,7 @@ def _overfit_methods() -> list[list[RunSpec]]:
 
 
 def _robust_overfitting() -> tuple[RunSpec, ...]:
-    """CURE Fig. 4 / 5c / Table 3 and RWP Fig. 1b / Table 1 in the overfitting regime: AT, RWP, AWP, CURE (as the
+    """CURE Fig. 5c / Table 3 and RWP Fig. 1b / 3c / Table 1 in the overfitting regime: AT, RWP, AWP, CURE (as the
     released code runs it, from the regime's ST model) and TRADES, best and last checkpoints."""
     return (_OVERFIT_ST, *seed_major(_overfit_methods()))
 
@@ -281,7 +281,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("overfit-pilot", "Which CPU-sized setting makes PGD-10 AT robust-overfit (best - last "
                    "PGD-20 >= 3 points, training robust accuracy >= 15 points above test)?", "cpu",
                    _overfit_pilot(), checkpoints=()),
-        Experiment("robust-overfitting", "CURE Fig. 4 / 5c / Table 3, RWP Fig. 1b / Table 1: in the regime where "
+        Experiment("robust-overfitting", "CURE Fig. 5c / Table 3, RWP Fig. 1b / 3c / Table 1: in the regime where "
                    "AT robust-overfits, do AWP, RWP and CURE close AT's best - last gap, and does RWP beat AWP? "
                    "(3 seeds, best and last)", "cpu", _robust_overfitting(), checkpoints=("best", "last")),
         Experiment("rwp-sweeps", "RWP Fig. 3a / 3b: in the overfitting regime, does RWP's robustness peak inside "
