@@ -331,6 +331,20 @@ def missing_attacks(run_dir: Path, attacks: Iterable[str], checkpoint: str) -> l
     return [a for a in attacks if a not in have]
 
 
+class StaleRunError(ValueError):
+    """A finished run started from a run that has been trained again since, with another outcome."""
+
+
+def check_inits(exp: Experiment, root: Path, specs: Iterable[RunSpec]) -> None:
+    """Refuse (before any work) finished runs of ``specs`` that started from an earlier training of their
+    ``init`` run than the one now in ``root`` (see :func:`layerlab.runs.init_changed`)."""
+    stale = [s.name for s in specs if s.init is not None and finished(root / s.name)
+             and runs.init_changed(root / s.name, root / s.init / "checkpoints" / "best.pt")]
+    if stale:
+        raise StaleRunError(f"{exp.name}: {', '.join(stale)} in {root} started from an earlier training of the run "
+                            f"they start from; move them out of the run root to train them again")
+
+
 def evaluate_experiment(name: str, root: str | Path, *, only: Iterable[str] | None = None, progress: bool = False,
                         log: Callable[[str], None] = print) -> list[str]:
     """Evaluate every finished run of ``name`` (``only``: these) under its attacks, adding only missing ones;
@@ -339,6 +353,7 @@ def evaluate_experiment(name: str, root: str | Path, *, only: Iterable[str] | No
     exp = experiment(name)
     root = Path(root).expanduser().resolve()
     wanted = set(only) if only else None
+    check_inits(exp, root, [s for s in exp.specs if wanted is None or s.name in wanted])
     done: list[str] = []
     # every run's worst case first, then the (slower) full AutoAttack checks
     passes = [(spec, ckpt, EVAL_ATTACKS) for spec in exp.specs for ckpt in exp.checkpoints]
@@ -374,6 +389,7 @@ def run_experiment(name: str, root: str | Path, *, progress: bool = False, only:
     specs = [s for s in exp.specs if wanted is None or s.name in wanted]
     if wanted and (unknown := wanted - {s.name for s in exp.specs}):
         raise ValueError(f"experiment {name!r} has no runs {sorted(unknown)}; it has {[s.name for s in exp.specs]}")
+    check_inits(exp, root, specs)
     trained: list[str] = []
     while True:
         pending = [s for s in specs if not finished(root / s.name)]
@@ -609,10 +625,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    if args.command == "run":
-        run_experiment(args.name, args.runs, progress=args.progress, only=only)
-    if args.command == "evaluate" or not args.no_eval:
-        evaluate_experiment(args.name, args.runs, progress=args.progress, only=only)
+    try:
+        if args.command == "run":
+            run_experiment(args.name, args.runs, progress=args.progress, only=only)
+        if args.command == "evaluate" or not args.no_eval:
+            evaluate_experiment(args.name, args.runs, progress=args.progress, only=only)
+    except ValueError as err:  # a bad argument or a stale run: one line, nothing done
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -34,7 +34,7 @@ TEXT_SUFFIXES = (".json", ".jsonl", ".csv")  # their run-root paths are rewritte
 COPIED_SUFFIXES = (*TEXT_SUFFIXES, ".npz")  # .npz: the arrays the minimum-perturbation and attribution figures draw
 MAX_COPY_BYTES = 2_000_000  # larger result files stay in the run directory
 TRAINING_FILES = ("config.json", "summary.json", "metrics.jsonl", "layer_stats.jsonl")
-COMPARED = ("natural_acc", "robust_acc", "best_epoch")  # what a retrained run must reproduce
+COMPARED = runs.IDENTITY  # what a retrained run must reproduce
 
 
 ROOT_TOKEN = "RUN_ROOT"  # stands for the run root's absolute path in exported files
@@ -126,21 +126,32 @@ def export_records(run_root: str | Path, dest: str | Path) -> list[str]:
     return names
 
 
-def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] | None = None) -> list[str]:
+def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] | None = None,
+                    log: Callable[[str], None] | None = print) -> list[str]:
     """Lay the records in ``src`` (only the runs ``names``, when given) into ``run_root`` where the run is absent
-    (a run directory that exists, finished or interrupted, is never touched). Returns the restored run names."""
+    (a run directory that exists, finished or interrupted, is never touched). A record that started from an
+    earlier training of a run than the one in ``run_root`` (:func:`layerlab.runs.init_changed`) is left out,
+    and said. Returns the restored run names."""
     src, run_root = Path(src), Path(run_root)
     if not src.is_dir():
         return []
     wanted = None if names is None else set(names)
     restored = []
-    for rec in sorted(p for p in src.iterdir() if p.is_dir() and (wanted is None or p.name in wanted)):
+    recs = [p for p in src.iterdir() if p.is_dir() and (wanted is None or p.name in wanted)]
+    # runs that start from no other first, so the run a record started from is in place when it is checked
+    for rec in sorted(recs, key=lambda p: (_init_name(p) is not None, p.name)):
         target = run_root / rec.name
         if rec.name == ANALYSIS:
             if not target.exists():
                 copy_results(rec, target, (ROOT_TOKEN, str(run_root.resolve())))
             continue
         if not all((rec / name).exists() for name in ("config.json", "summary.json")) or target.exists():
+            continue
+        init = _init_name(rec)
+        if init is not None and runs.init_changed(rec, run_root / init / "checkpoints" / "best.pt"):
+            if log:
+                log(f"not restoring {rec.name}: it started from an earlier training of {init} than the one in "
+                    f"{run_root}")
             continue
         copy_results(rec, target, (ROOT_TOKEN, str(run_root.resolve())))
         runs.write_json(target / MARKER, {"restored_from": str(rec.resolve()),
@@ -149,17 +160,16 @@ def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] 
     return restored
 
 
-def _init_run(cfg_init: str | None) -> Path | None:
-    """The run directory a config's ``init`` checkpoint belongs to (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
-    if not cfg_init:
-        return None
-    path = Path(cfg_init)
-    return path.parent.parent if path.parent.name == "checkpoints" else None
+def _init_name(rec: Path) -> str | None:
+    """The name of the run a record (or run directory) started from, if it started from one."""
+    path = rec / "config.json"
+    run = runs.init_run_dir(runs.read_json(path)["config"].get("init")) if path.is_file() else None
+    return None if run is None else run.name
 
 
 def materialize_init(init: str | None, *, progress: bool = True, log: Callable[[str], None] | None = print) -> None:
     """Make sure the checkpoint a run starts from exists: retrain its run when it is only a record."""
-    run = _init_run(init)
+    run = runs.init_run_dir(init)
     if run is not None and is_record(run):
         materialize(run, progress=progress, log=log)
 

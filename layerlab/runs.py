@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ import layerlab
 from layerlab.config import dumps
 
 CHECKPOINT_KEYS = ("model", "meta")
+# what tells two trainings of one config apart (a retrained run must reproduce them; see run_identity)
+IDENTITY = ("natural_acc", "robust_acc", "best_epoch")
 COSTS = "costs.jsonl"  # one line per analysis computed on a run (or a multi-run analysis directory)
 
 
@@ -298,3 +301,43 @@ def environment() -> dict[str, Any]:
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+def run_identity(run_dir: str | os.PathLike) -> str | None:
+    """A short fingerprint of a finished run's outcome (its summary's :data:`IDENTITY` fields with its seed, method
+    and epochs), or None when ``run_dir`` holds no finished run. Independent of where the run root is, so a run
+    that records another run's fingerprint (``init_identity``: the run it started from) can tell when that run
+    was trained again with a different outcome."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+        return None
+    summary, cfg = read_json(run_dir / "summary.json"), read_json(run_dir / "config.json")["config"]
+    key = {**{k: summary.get(k) for k in IDENTITY}, **{k: cfg.get(k) for k in ("seed", "method", "epochs")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_run_dir(init: str | os.PathLike | None) -> Path | None:
+    """The run directory an ``init`` checkpoint belongs to (``RUN/checkpoints/best.pt`` -> ``RUN``), if any."""
+    if not init:
+        return None
+    path = Path(init)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def init_identity(init: str | os.PathLike | None) -> str | None:
+    """:func:`run_identity` of the run an ``init`` checkpoint belongs to (None: not a finished run's)."""
+    run = init_run_dir(init)
+    return None if run is None else run_identity(run)
+
+
+def init_changed(run_dir: str | os.PathLike, init: str | os.PathLike | None = None) -> bool:
+    """Whether the run it started from has been trained again, with another outcome, since ``run_dir`` was
+    trained: ``run_dir`` recorded that run's fingerprint (``init_identity``) and ``init`` (default: the
+    checkpoint its config names) now belongs to a finished run with another one."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return False
+    saved = read_json(path)
+    recorded = saved.get("init_identity")
+    current = init_identity(init if init is not None else saved["config"].get("init"))
+    return bool(recorded) and current is not None and current != recorded

@@ -391,9 +391,11 @@ def _start_files(s: Setup, run_dir: Path, resume: bool, start_epoch: int, callba
         kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r["epoch"] <= start_epoch]
         (run_dir / "metrics.jsonl").write_text("".join(runs.dumps_line(r) for r in kept))
     else:
+        started_from = runs.init_identity(s.cfg.init)
         runs.write_json(run_dir / "config.json", {"config": s.cfg.to_dict(), "environment": runs.environment(),
                                                   "method_hparams": s.method.hparams(),
-                                                  "blocks": [vars(r) for r in block_report(s.model)]})
+                                                  "blocks": [vars(r) for r in block_report(s.model)],
+                                                  **({"init_identity": started_from} if started_from else {})})
     for cb in callbacks:
         cb.on_train_start(s.model, s.method, run_dir, s.cfg, start_epoch)
 

@@ -198,3 +198,36 @@ def test_the_run_lock_file_is_removed_by_its_holder(tmp_path):
     with pytest.raises(RuntimeError), runs.run_lock(tmp_path / "run"):
         raise RuntimeError("failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_started_from_a_run_trained_again_since_is_told_apart(tmp_path, st_run, tiny_cfg, digits_splits,
+                                                                     snapshot_files):
+    from layerlab.experiments import Experiment, RunSpec, StaleRunError, check_inits
+    from layerlab.train import train
+
+    root = tmp_path / "root"
+    shutil.copytree(st_run, root / "ST")
+    train(tiny_cfg(method="at", init=str(root / "ST" / "checkpoints" / "best.pt"), update="2"), root / "U-2",
+          progress=False, splits=digits_splits)
+    assert runs.read_json(root / "U-2" / "config.json")["init_identity"] == runs.run_identity(root / "ST")
+    assert not runs.init_changed(root / "U-2")
+    export_records(root, tmp_path / "records")
+    exp = Experiment("t", "?", "tiny", (RunSpec("ST"), RunSpec("U-2", init="ST")))
+    check_inits(exp, root, exp.specs)  # nothing changed: no error
+
+    # ST trained again with another outcome: U-2 no longer started from it
+    summary = runs.read_json(root / "ST" / "summary.json")
+    runs.write_json(root / "ST" / "summary.json", {**summary, "natural_acc": summary["natural_acc"] + 1.0})
+    assert runs.init_changed(root / "U-2")
+    with pytest.raises(StaleRunError, match="U-2 .* started from an earlier training"):
+        check_inits(exp, root, exp.specs)
+
+    # a records store holding that U-2 does not restore it beside the new ST
+    fresh = tmp_path / "fresh"
+    shutil.copytree(root / "ST", fresh / "ST")
+    before = snapshot_files(fresh)
+    said = []
+    assert restore_records(tmp_path / "records", fresh, log=said.append) == []
+    assert snapshot_files(fresh) == before and said and "U-2" in said[0]
+    # beside the ST it started from, it is restored
+    assert restore_records(tmp_path / "records", tmp_path / "empty", log=None) == ["ST", "U-2"]
