@@ -447,6 +447,63 @@ def eval_row(run_dir: Path, checkpoint: str) -> dict[str, Any]:
     return {"worst": worst, "aa": results.get("aa", {}).get("accuracy")}
 
 
+def run_status(exp: Experiment, spec: RunSpec, root: Path) -> dict[str, Any]:
+    """Where one run of ``exp`` stands under ``root``: ``state`` (absent, training, interrupted, record, finished),
+    epochs done of the config's, training hours so far, and per evaluated checkpoint the attacks still missing
+    and the seconds its evaluation took."""
+    run_dir = root / spec.name
+    epochs = spec.config(base_config(exp.profile), root).epochs
+    metrics = runs.read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    if finished(run_dir):
+        state = ("record" if records.is_record(run_dir) else "evaluating" if runs.is_locked(run_dir)
+                 else "finished")
+        hours = runs.read_json(run_dir / "summary.json").get("seconds", 0.0) / 3600
+    else:
+        state = "training" if runs.is_locked(run_dir) else "interrupted" if run_dir.exists() else "absent"
+        hours = sum(r.get("seconds", 0.0) + r.get("eval_seconds", 0.0) for r in metrics) / 3600
+    row: dict[str, Any] = {"run": spec.name, "state": state, "epoch": len(metrics), "epochs": epochs,
+                           "hours": hours}
+    for checkpoint in exp.checkpoints:
+        path = run_dir / eval_file(checkpoint)
+        report = runs.read_json(path) if path.exists() else {}
+        results = report.get("results", {}) if report.get("n") == EVAL_N else {}
+        row[f"{checkpoint}_missing"] = missing_attacks(run_dir, exp.attacks(spec.name, checkpoint), checkpoint)
+        row[f"{checkpoint}_eval_hours"] = sum(r.get("seconds", 0.0) for r in results.values()) / 3600
+    return row
+
+
+def status_lines(name: str | Experiment, root: str | Path) -> list[str]:
+    """A readable account of experiment ``name`` (or an :class:`Experiment`) under ``root``: each run's state and what is left, then the
+    core-hours left, estimated from the runs (and evaluations) of this experiment that finished."""
+    import statistics
+
+    exp, root = (name if isinstance(name, Experiment) else experiment(name)), Path(root)
+    rows = [run_status(exp, spec, root) for spec in exp.specs]
+    done_hours = [r["hours"] for r in rows if r["state"] in ("finished", "evaluating", "record")]
+    per_run = statistics.median(done_hours) if done_hours else None
+    lines = [f"{exp.name}: {exp.question}"]
+    train_left = eval_left = 0.0
+    evals_left = 0
+    for r in rows:
+        left = [f"{c}: {', '.join(r[f'{c}_missing'])}" for c in exp.checkpoints if r[f"{c}_missing"]]
+        lines.append(f"  {r['run']:<40} {r['state']:<11} epoch {r['epoch']:>3}/{r['epochs']:<3} "
+                     f"{r['hours']:5.2f} h" + (f"  to evaluate ({'; '.join(left)})" if left else ""))
+        if r["state"] in ("absent", "training", "interrupted") and per_run is not None:
+            train_left += per_run * (1 - r["epoch"] / r["epochs"])
+        evals_left += sum(bool(r[f"{c}_missing"]) for c in exp.checkpoints)
+    eval_hours = [r[f"{c}_eval_hours"] for r in rows for c in exp.checkpoints
+                  if not r[f"{c}_missing"] and r[f"{c}_eval_hours"] > 0]
+    if eval_hours:
+        eval_left = statistics.median(eval_hours) * evals_left
+    trained = sum(r["state"] in ("finished", "evaluating", "record") for r in rows)
+    estimate = ("unknown (no run finished yet)" if per_run is None
+                else f"~{train_left:.1f} training + " + (f"~{eval_left:.1f}" if eval_hours else "unknown")
+                + " evaluation")
+    lines.append(f"  {trained}/{len(rows)} trained, {evals_left} checkpoint evaluations left; core-hours left: "
+                 f"{estimate} (medians of this experiment's finished runs)")
+    return lines
+
+
 SUMMARY_COLUMNS = ("last_natural", "last_robust", "last_worst", "last_aa", "best_natural", "best_robust",
                    "best_worst", "best_minus_last_robust", "best_minus_last_worst", "train_adv_acc_last")
 
@@ -600,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--progress", action="store_true")
     ev.set_defaults(no_eval=False)
     sub.add_parser("list", help="the experiments and their runs")
+    stat = sub.add_parser("status", help="each run's state, what is left to train and evaluate, core-hours left")
+    stat.add_argument("names", nargs="*", metavar="NAME", help=f"experiments (default: all of {sorted(EXPERIMENTS)})")
+    stat.add_argument("--runs", required=True, help="run root")
     summ = sub.add_parser("summarize", help="per-run and per-group (mean, std over seeds) CSVs of the finished runs")
     summ.add_argument("name", choices=sorted(EXPERIMENTS))
     summ.add_argument("--runs", required=True, help="run root")
@@ -616,6 +676,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summarize":
         for path in write_summary_csv(args.name, args.runs, args.out):
             print(path)
+        return 0
+    if args.command == "status":
+        if not Path(args.runs).is_dir():
+            print(f"error: run root {args.runs} does not exist; pass the --runs directory the experiments train into",
+                  file=sys.stderr)
+            return 2
+        if unknown := [n for n in args.names if n not in EXPERIMENTS]:
+            print(f"error: unknown experiment {unknown[0]!r}; choose from {sorted(EXPERIMENTS)}", file=sys.stderr)
+            return 2
+        for name in args.names or EXPERIMENTS:
+            print("\n".join(status_lines(name, args.runs)))
         return 0
     if args.command == "list":
         for exp in EXPERIMENTS.values():

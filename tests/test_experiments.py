@@ -126,6 +126,23 @@ def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_
     monkeypatch.setattr(ex, "EVAL_ATTACKS", ("natural", "pgd3", "cw3", "fgsm"))  # a new attack: only it runs
     assert ex.evaluate_experiment("tiny", root, only=["AT-fromST"], log=lambda _: None) == ["AT-fromST:last"]
     assert set(runs.read_json(run / "eval-last.json")["results"]) == {"natural", "pgd3", "cw3", "fgsm"}
+    status = {line.split()[0]: line for line in ex.status_lines("tiny", root)[1:-1]}
+    assert "to evaluate" not in status["AT-fromST"] and status["ST"].endswith("to evaluate (last: fgsm)")
+    assert ex.status_lines("tiny", root)[-1].startswith("  3/3 trained, 2 checkpoint evaluations left")
+
+
+def test_status_tells_what_is_left_and_refuses_a_missing_root(tmp_path, tiny_experiment, capsys) -> None:
+    root = tmp_path / "root"
+    ex.run_experiment("tiny", root, only=["ST"], log=lambda _: None)
+    lines = ex.status_lines("tiny", root)
+    assert lines[0] == "tiny: test"
+    assert lines[1].split()[:4] == ["ST", "finished", "epoch", "1/1"]
+    assert lines[2].split()[:4] == ["AT-fromST", "absent", "epoch", "0/1"]
+    hours = runs.read_json(root / "ST" / "summary.json")["seconds"] / 3600
+    assert lines[-1].startswith(f"  1/3 trained, 3 checkpoint evaluations left; core-hours left: ~{2 * hours:.1f} "
+                                "training + unknown evaluation")
+    assert ex.main(["status", "tiny", "--runs", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_figures_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch, tiny_cfg) -> None:
