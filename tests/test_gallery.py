@@ -130,3 +130,21 @@ def test_a_groups_tables_name_no_path_of_this_machine(tmp_path, monkeypatch) -> 
     assert (group / "table.csv").read_text() == "model,dir\nAT,RUN_ROOT/AT\n"
     assert (group / "fig_data" / "rows.json").read_text() == '{"data": "$LAYERLAB_DATA/cifar10"}'
     assert (group / "plot.png").read_bytes() == b"\x89PNG" + str(root).encode()  # binary files are left alone
+
+
+def test_the_gallery_evaluates_the_profiles_checkpoint_into_its_own_file(tmp_path, st_run):
+    import shutil
+    from types import SimpleNamespace
+
+    from layerlab import runs
+    from layerlab.gallery.results import evaluated
+    from layerlab.gallery.settings import SETTINGS, FigureSettings
+
+    assert SETTINGS["cpu"].eval_checkpoint == "last"  # where the experiments' claims read their evaluations
+    run = tmp_path / "ST"
+    shutil.copytree(st_run, run)
+    ctx = SimpleNamespace(s=FigureSettings(eval_n=8, eval_checkpoint="last"), data_dir=None, progress=False)
+    report = evaluated(ctx, run, ["natural", "pgd3"])
+    assert report["checkpoint"] == "last" and report["n"] == 8 and set(report["results"]) == {"natural", "pgd3"}
+    assert runs.read_json(run / "eval-last.json") == report and not (run / "eval.json").exists()
+    assert evaluated(ctx, run, ["natural"]) == report  # nothing missing: nothing run again

@@ -18,6 +18,7 @@ from layerlab import runs
 
 from layerlab.analysis.curves import write_curves
 from layerlab.analysis.layer_stats import read_layer_stats
+from layerlab.evaluation import eval_file
 from layerlab.gallery.results import (
     cka_result,
     corruption_result,
@@ -158,7 +159,7 @@ def attack_strength(ctx: Context) -> PathMap:
     """CURE Fig. 5b: PGD-20 accuracy against the attack's eps, one line per method."""
     out = ctx.group_dir(GROUPS["attack_strength"])
     run_dirs = evaluate_as_trained(ctx, ctx.s.methods, ["natural", "eps-sweep"])
-    return {"fig5b": plot_eps_sweep({r.name: r / "eval.json" for r in run_dirs.values()},
+    return {"fig5b": plot_eps_sweep({r.name: r / eval_file(ctx.s.eval_checkpoint) for r in run_dirs.values()},
                                     out / "cure_fig5b_eps_sweep.png")}
 
 

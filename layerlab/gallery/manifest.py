@@ -259,7 +259,7 @@ def stall_excess(stalls: list[dict[str, Any]]) -> float:
 
 
 # result file -> the analysis kind its cost is logged under (``runs.costed``)
-ANALYSIS_FILES = {"eval.json": "eval", "cka.json": "cka", "corruptions.csv": "corruptions", "lsc.csv": "lsc",
+ANALYSIS_FILES = {"eval.json": "eval", "eval-last.json": "eval", "cka.json": "cka", "corruptions.csv": "corruptions", "lsc.csv": "lsc",
                   "minpert.json": "minpert", "attributions.json": "attributions"}
 
 

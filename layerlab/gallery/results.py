@@ -45,10 +45,13 @@ def _sweep_ok(report: dict[str, Any], sweep_255: Sequence[float]) -> bool:
 
 
 def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, Any]:
-    """``RUN/eval.json`` holding ``attacks`` on ``eval_n`` test images; only missing attacks are run."""
+    """The evaluation of the profile's ``eval_checkpoint`` (``RUN/eval.json`` for best, ``RUN/eval-last.json``)
+    holding ``attacks`` on ``eval_n`` test images; only missing attacks are run."""
+    checkpoint = ctx.s.eval_checkpoint
+
     def usable(rep: dict[str, Any] | None) -> bool:
-        return rep is not None and rep.get("checkpoint") == "best" and (ctx.s.eval_n is None
-                                                                        or rep.get("n") == ctx.s.eval_n)
+        return rep is not None and rep.get("checkpoint") == checkpoint and (ctx.s.eval_n is None
+                                                                            or rep.get("n") == ctx.s.eval_n)
 
     def missing(rep: dict[str, Any] | None) -> list[str]:
         if not usable(rep):
@@ -56,8 +59,9 @@ def evaluated(ctx: Context, run_dir: Path, attacks: Sequence[str]) -> dict[str, 
         return [a for a in attacks if a not in _have_attacks(rep)
                 or (a == "eps-sweep" and not _sweep_ok(rep, ctx.s.sweep_255))]
 
-    path = run_dir / "eval.json"
-    kw = dict(n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0, progress=ctx.progress)
+    path = run_dir / eval_file(checkpoint)
+    kw = dict(checkpoint=checkpoint, n=ctx.s.eval_n, data_dir=ctx.data_dir, sweep_255=ctx.s.sweep_255, seed=0,
+              progress=ctx.progress)
     with runs.analysis_lock(run_dir, "eval"):
         report = runs.read_json(path) if path.exists() else None
         todo = missing(report)
@@ -184,15 +188,15 @@ def seed_table(run_dirs: dict[str, Path], checkpoints: Sequence[str] = CHECKPOIN
 
 def tradeoff_table(ctx: Context, run_dirs: PathMap) -> pd.DataFrame:
     """CURE Table 1 over seeds (:func:`seed_table`): natural, PGD-20, CW-inf, AutoAttack, the headline robust
-    accuracy and NRR per method and checkpoint; the gallery's own runs are evaluated first (best checkpoint)."""
+    accuracy and NRR per method and checkpoint; the gallery's own runs are evaluated first (the profile's
+    ``eval_checkpoint``)."""
     for run in run_dirs.values():
         evaluated(ctx, run, ctx.s.attacks)
     return seed_table({run.name: run for run in run_dirs.values()})
 
 
 def shown_checkpoint(table: pd.DataFrame, column: str) -> str:
-    """The checkpoint a figure shows: ``last`` when every row of it has ``column``, else ``best`` (the
-    checkpoint the gallery evaluates itself)."""
+    """The checkpoint a figure shows: ``last`` when every row of it has ``column``, else ``best``."""
     last = table[table["checkpoint"] == "last"]
     return "last" if len(last) and last[column].notna().all() else "best"
 

@@ -120,6 +120,9 @@ class FigureSettings:
     noreinit_specs: tuple[str, ...] = ()  # freeze study, fine-tuned updated blocks (CURE Fig. 11)
     methods: tuple[str, ...] = ("at", "trades", "awp", "rwp", "cure")  # trade-off table (CURE Table 1)
     eval_n: int | None = 50  # test images of the attack suite (None = the whole test split)
+    # the checkpoint the gallery runs its attack suite and eps sweep on (the other one is shown from training's own
+    # final evaluation, or from an experiment's evaluation of it)
+    eval_checkpoint: str = "best"
     attacks: tuple[str, ...] = ("natural", "pgd20", "cw20")
     sweep_255: tuple[float, ...] = (1, 2, 4, 8)
     cka_n: int = 64
@@ -163,10 +166,11 @@ SETTINGS: dict[str, FigureSettings] = {
     # Every spec, attack and sweep value; hours on a CPU.
     # The robust-overfitting figures read the overfitting regime's runs (layerlab.experiments.OVERFIT): at this
     # size the profile's own training does not overfit.
-    # The attack suite and the corruptions on the experiments' EVAL_N test images, so a run's best-checkpoint
-    # evaluation (RUN/eval.json) is one file that gallery and experiments both add attacks to.
-    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=EVAL_N, cka_n=500, corruption_n=EVAL_N, lsc_panels=3,
-                          regime=OVERFITTING, **_FULL),
+    # The attack suite and the corruptions on the experiments' EVAL_N test images, and the attack suite on the
+    # checkpoint the experiments' claims read (the last: at this size training does not robust-overfit), so a
+    # run's evaluation (RUN/eval-last.json) is one file that gallery and experiments both add attacks to.
+    "cpu": FigureSettings(st_epochs=ST_EPOCHS["cpu"], eval_n=EVAL_N, eval_checkpoint="last", cka_n=500,
+                          corruption_n=EVAL_N, lsc_panels=3, regime=OVERFITTING, **_FULL),
     # The papers' settings (the whole test split); GPU days. Paper-scale training overfits by itself: no regime.
     "paper": FigureSettings(st_epochs=ST_EPOCHS["paper"], eval_n=None, cka_n=1000, corruption_n=None, lsc_panels=4,
                             **_FULL),
