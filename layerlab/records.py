@@ -180,8 +180,9 @@ def materialize(run_dir: str | Path, *, progress: bool = True,
 
     The record is kept aside in ``RUN.record/`` while training (and put back when training fails). Its analysis files are put back only when
     the retrained run reproduces the recorded summary (:data:`COMPARED`); either way the comparison is written
-    to ``RUN/reproduced.json`` and returned. A run with checkpoints is returned unchanged (``{}``)."""
-    run_dir = Path(run_dir)
+    to ``RUN/reproduced.json`` and returned. A run with checkpoints is returned unchanged (``{}``). A run
+    directory reached through a symbolic link is retrained where it really is."""
+    run_dir = Path(run_dir).resolve()
     if not is_record(run_dir):
         return {}
     require_training(f"a result of {run_dir.name} (computing it needs the run's weights)")

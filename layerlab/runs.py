@@ -91,8 +91,9 @@ def _same_file(fh: Any, path: Path) -> bool:
 
 def _lock_path(out: str | os.PathLike, what: str = "") -> Path:
     """The lock file of run directory ``out`` (or of analysis ``what`` on it), beside the directory so that
-    ``--overwrite`` or a record set aside cannot delete or move it."""
-    path = Path(out)
+    ``--overwrite`` or a record set aside cannot delete or move it. A run directory reached through a symbolic
+    link (a run root of links to another's runs) is locked where it really is, so both roots see one lock."""
+    path = Path(out).resolve()
     return path.parent / f".{path.name}{'.' + what if what else ''}.lock"
 
 

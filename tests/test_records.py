@@ -231,3 +231,14 @@ def test_a_run_started_from_a_run_trained_again_since_is_told_apart(tmp_path, st
     assert snapshot_files(fresh) == before and said and "U-2" in said[0]
     # beside the ST it started from, it is restored
     assert restore_records(tmp_path / "records", tmp_path / "empty", log=None) == ["ST", "U-2"]
+
+
+def test_a_record_reached_through_a_link_is_retrained_and_locked_where_it_is(recorded, tmp_path):
+    real, linked = tmp_path / "real", tmp_path / "linked"
+    restore_records(recorded, real, log=None)
+    linked.mkdir()
+    (linked / "ST").symlink_to(real / "ST", target_is_directory=True)
+    assert runs._lock_path(linked / "ST") == runs._lock_path(real / "ST")
+    assert materialize(linked / "ST", progress=False, log=None)["identical"]
+    assert (linked / "ST").is_symlink() and (real / "ST" / "checkpoints" / "best.pt").exists()
+    assert not (real / "ST.record").exists() and not (linked / "ST.record").exists()
