@@ -331,8 +331,23 @@ def missing_attacks(run_dir: Path, attacks: Iterable[str], checkpoint: str) -> l
     return [a for a in attacks if a not in have]
 
 
-class StaleRunError(ValueError):
+class RefusedError(ValueError):
+    """An experiment command refused before any work (one line says what to fix)."""
+
+
+class StaleRunError(RefusedError):
     """A finished run started from a run that has been trained again since, with another outcome."""
+
+
+def chosen(exp: Experiment, only: Iterable[str] | None) -> list[RunSpec]:
+    """The runs of ``exp`` named in ``only`` (all when None), in the experiment's order; unknown names are refused."""
+    if only is None:
+        return list(exp.specs)
+    wanted = set(only)
+    if unknown := wanted - {s.name for s in exp.specs}:
+        raise RefusedError(f"experiment {exp.name!r} has no runs {sorted(unknown)}; it has "
+                           f"{[s.name for s in exp.specs]}")
+    return [s for s in exp.specs if s.name in wanted]
 
 
 def check_inits(exp: Experiment, root: Path, specs: Iterable[RunSpec]) -> None:
@@ -352,15 +367,16 @@ def evaluate_experiment(name: str, root: str | Path, *, only: Iterable[str] | No
     evaluated (``RUN:CHECKPOINT``)."""
     exp = experiment(name)
     root = Path(root).expanduser().resolve()
-    wanted = set(only) if only else None
-    check_inits(exp, root, [s for s in exp.specs if wanted is None or s.name in wanted])
+    specs = chosen(exp, only)
+    check_inits(exp, root, specs)
+    wanted = {s.name for s in specs}
     done: list[str] = []
     # every run's worst case first, then the (slower) full AutoAttack checks
     passes = [(spec, ckpt, EVAL_ATTACKS) for spec in exp.specs for ckpt in exp.checkpoints]
     passes += [(spec, ckpt, exp.attacks(spec.name, ckpt)) for spec in exp.specs for ckpt in exp.checkpoints]
     for spec, checkpoint, attacks in passes:
         run_dir = root / spec.name
-        if (wanted is not None and spec.name not in wanted) or not finished(run_dir):
+        if spec.name not in wanted or not finished(run_dir):
             continue
         if not missing_attacks(run_dir, attacks, checkpoint) or runs.is_locked(run_dir):
             continue
@@ -383,13 +399,10 @@ def run_experiment(name: str, root: str | Path, *, progress: bool = False, only:
     the runs this process trained. Safe to run in several processes at once on one root."""
     exp = experiment(name)
     root = Path(root).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
     base = base_config(exp.profile)
-    wanted = set(only) if only else None
-    specs = [s for s in exp.specs if wanted is None or s.name in wanted]
-    if wanted and (unknown := wanted - {s.name for s in exp.specs}):
-        raise ValueError(f"experiment {name!r} has no runs {sorted(unknown)}; it has {[s.name for s in exp.specs]}")
+    specs = chosen(exp, only)
     check_inits(exp, root, specs)
+    root.mkdir(parents=True, exist_ok=True)
     trained: list[str] = []
     while True:
         pending = [s for s in specs if not finished(root / s.name)]
@@ -473,8 +486,8 @@ def run_status(exp: Experiment, spec: RunSpec, root: Path) -> dict[str, Any]:
 
 
 def status_lines(name: str | Experiment, root: str | Path) -> list[str]:
-    """A readable account of experiment ``name`` (or an :class:`Experiment`) under ``root``: each run's state and what is left, then the
-    core-hours left, estimated from the runs (and evaluations) of this experiment that finished."""
+    """A readable account of experiment ``name`` (or an :class:`Experiment`) under ``root``: each run's state
+    and what is left, then the core-hours left, estimated from this experiment's finished runs and evaluations."""
     import statistics
 
     exp, root = (name if isinstance(name, Experiment) else experiment(name)), Path(root)
@@ -701,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment(args.name, args.runs, progress=args.progress, only=only)
         if args.command == "evaluate" or not args.no_eval:
             evaluate_experiment(args.name, args.runs, progress=args.progress, only=only)
-    except ValueError as err:  # a bad argument or a stale run: one line, nothing done
+    except RefusedError as err:  # a bad argument or a stale run: one line, nothing done
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -98,8 +98,12 @@ def test_a_recorded_dependency_is_retrained_before_its_dependents(tmp_path, tiny
     assert (second / "ST" / "checkpoints" / "best.pt").exists()
     assert json.loads((second / "ST" / "reproduced.json").read_text())["identical"]
     assert (second / "AT-fromST" / "summary.json").exists() and not (second / "AT-fromST-s1").exists()
-    with pytest.raises(ValueError, match="has no runs"):
+    with pytest.raises(ex.RefusedError, match="has no runs"):
         ex.run_experiment("tiny", second, only=["AT-fromST-s9"], log=lambda _: None)
+    with pytest.raises(ex.RefusedError, match="has no runs"):
+        ex.evaluate_experiment("tiny", second, only=["AT-fromST-s9"], log=lambda _: None)
+    assert ex.main(["run", "tiny", "--runs", str(tmp_path / "third"), "--only", "AT-fromST-s9"]) == 2
+    assert not (tmp_path / "third").exists()  # refused before anything was written
 
 
 def test_finished_runs_are_evaluated_once_and_their_worst_case_is_pointwise(tmp_path, tiny_experiment, monkeypatch):
