@@ -463,7 +463,7 @@ def eval_row(run_dir: Path, checkpoint: str) -> dict[str, Any]:
 def run_status(exp: Experiment, spec: RunSpec, root: Path) -> dict[str, Any]:
     """Where one run of ``exp`` stands under ``root``: ``state`` (absent, training, interrupted, record, finished),
     epochs done of the config's, training hours so far, and per evaluated checkpoint the attacks still missing
-    and the seconds its evaluation took."""
+    and the hours its worst-case evaluation took (0 until it is complete)."""
     run_dir = root / spec.name
     epochs = spec.config(base_config(exp.profile), root).epochs
     metrics = runs.read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
@@ -481,7 +481,9 @@ def run_status(exp: Experiment, spec: RunSpec, root: Path) -> dict[str, Any]:
         report = runs.read_json(path) if path.exists() else {}
         results = report.get("results", {}) if report.get("n") == EVAL_N else {}
         row[f"{checkpoint}_missing"] = missing_attacks(run_dir, exp.attacks(spec.name, checkpoint), checkpoint)
-        row[f"{checkpoint}_eval_hours"] = sum(r.get("seconds", 0.0) for r in results.values()) / 3600
+        # the worst case's cost (EVAL_ATTACKS), once all of them ran: the unit of the estimate of what is left
+        row[f"{checkpoint}_eval_hours"] = (sum(results[a].get("seconds", 0.0) for a in EVAL_ATTACKS) / 3600
+                                           if all(a in results for a in EVAL_ATTACKS) else 0.0)
     return row
 
 
@@ -504,8 +506,7 @@ def status_lines(name: str | Experiment, root: str | Path) -> list[str]:
         if r["state"] in ("absent", "training", "interrupted") and per_run is not None:
             train_left += per_run * (1 - r["epoch"] / r["epochs"])
         evals_left += sum(bool(r[f"{c}_missing"]) for c in exp.checkpoints)
-    eval_hours = [r[f"{c}_eval_hours"] for r in rows for c in exp.checkpoints
-                  if not r[f"{c}_missing"] and r[f"{c}_eval_hours"] > 0]
+    eval_hours = [r[f"{c}_eval_hours"] for r in rows for c in exp.checkpoints if r[f"{c}_eval_hours"] > 0]
     if eval_hours:
         eval_left = statistics.median(eval_hours) * evals_left
     trained = sum(r["state"] in ("finished", "evaluating", "record") for r in rows)
@@ -513,7 +514,8 @@ def status_lines(name: str | Experiment, root: str | Path) -> list[str]:
                 else f"~{train_left:.1f} training + " + (f"~{eval_left:.1f}" if eval_hours else "unknown")
                 + " evaluation")
     lines.append(f"  {trained}/{len(rows)} trained, {evals_left} checkpoint evaluations left; core-hours left: "
-                 f"{estimate} (medians of this experiment's finished runs)")
+                 f"{estimate} (medians of this experiment's finished runs and worst-case evaluations; full "
+                 "AutoAttack costs more)")
     return lines
 
 
