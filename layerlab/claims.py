@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from layerlab.experiments import OVERFIT_TAG, overfit_name
+from layerlab.experiments import FIGURES, OVERFIT_TAG, metric_value, overfit_name
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
-from layerlab.train import nrr
 
 MIN_SEEDS = 3
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -58,9 +57,6 @@ class Estimate:
         return f"{self.mean:.1f}{spread} (n={self.n})"
 
 
-# NRR metrics computed per run from two of its columns: (natural, robust)
-NRR_METRICS = {"last_nrr": ("last_natural", "last_robust"), "best_nrr": ("best_natural", "best_robust"),
-               "last_worst_nrr": ("last_natural", "last_worst"), "best_worst_nrr": ("best_natural", "best_worst")}
 # a robust metric on the worst case over the evaluation's attacks -> the same on PGD-20 (shown beside it)
 PGD_OF = {"last_worst": "last_robust", "best_worst": "best_robust", "last_worst_nrr": "last_nrr",
           "best_worst_nrr": "best_nrr", "best_minus_last_worst": "best_minus_last_robust"}
@@ -69,15 +65,6 @@ METRIC_NAMES = {"last_natural": "natural, last", "last_robust": "PGD-20, last", 
                 "last_nrr": "NRR (PGD-20), last", "last_worst_nrr": "NRR (worst case), last",
                 "best_minus_last_worst": "worst case best - last", "best_minus_last_robust": "PGD-20 best - last",
                 "best_robust": "PGD-20, best"}
-
-
-def metric_value(row: dict[str, Any], metric: str) -> float | None:
-    """A run row's value of ``metric``; NRR metrics (:data:`NRR_METRICS`) are computed from the row's accuracies."""
-    if metric in NRR_METRICS:
-        nat, rob = (row.get(c) for c in NRR_METRICS[metric])
-        return None if nat in (None, "") or rob in (None, "") else nrr(float(nat), float(rob))
-    value = row.get(metric)
-    return None if value in (None, "") else float(value)
 
 
 def estimate(rows: Iterable[dict[str, Any]], group: str, metric: str) -> Estimate | None:
@@ -250,8 +237,35 @@ def claims_table(rows: Sequence[dict[str, Any]], claims: Sequence[Claim] = CLAIM
 BEGIN, END = "<!-- claims: begin -->", "<!-- claims: end -->"
 
 
-def readme_section(results: str | Path, rows: Sequence[dict[str, Any]]) -> str:
-    """The claims section of ``figures/README.md`` (between :data:`BEGIN` and :data:`END`)."""
+# the experiments' figures (layerlab.experiments.FIGURES), one folder per experiment, under the README's folder
+FIGURES_DIR = "experiments"
+
+
+def experiment_figures(figures: str | Path) -> dict[str, list[str]]:
+    """The experiment figures in ``FIGURES/experiments/NAME/*.png`` (NAME: an experiment that draws figures), as
+    paths relative to ``figures``, by experiment name, in name order."""
+    found: dict[str, list[str]] = {}
+    for png in sorted(Path(figures, FIGURES_DIR).glob("*/*.png")):
+        if png.parent.name in FIGURES:
+            found.setdefault(png.parent.name, []).append(png.relative_to(figures).as_posix())
+    return found
+
+
+def figure_lines(results: str | Path, figures: dict[str, list[str]]) -> list[str]:
+    """One line per experiment of ``figures`` (see :func:`experiment_figures`): links to its figures and the
+    command that draws them from the results store ``results``."""
+    return [f"- `{name}`: " + ", ".join(f"[{Path(p).name}]({p})" for p in paths)
+            + f" (`python -m layerlab.experiments figures {name} --store {results} --out figures/{FIGURES_DIR}`)"
+            for name, paths in figures.items()]
+
+
+def readme_section(results: str | Path, rows: Sequence[dict[str, Any]],
+                   figures: dict[str, list[str]] | None = None) -> str:
+    """The claims section of ``figures/README.md`` (between :data:`BEGIN` and :data:`END`), with links to the
+    experiments' ``figures`` (see :func:`experiment_figures`) after the table."""
+    listed = (["Figures of the experiments, drawn from the results in "
+               f"`{results}` alone (the group means ± std over seeds that the claims read):", "",
+               *figure_lines(results, figures), ""] if figures else [])
     return "\n".join([
         BEGIN, "## The papers' claims at this scale", "",
         f"Computed by `python -m layerlab.claims {results} --readme figures/README.md` from the per-run results in "
@@ -263,7 +277,7 @@ def readme_section(results: str | Path, rows: Sequence[dict[str, Any]]) -> str:
         f"PGD-20 alone is shown beside it. Claims on best - last read the overfitting regime's runs "
         f"(`layerlab.experiments.OVERFIT`; `-ovf` stands for their groups' suffix `-{OVERFIT_TAG}`) at the "
         f"best-on-validation and the last checkpoint. Nothing in this table is typed by hand.", "",
-        claims_table(rows), END])
+        claims_table(rows), *listed, END])
 
 
 def update_readme(path: str | Path, section: str) -> None:
@@ -290,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = read_rows(sorted(Path(args.results).glob("*-runs.csv")))
     if args.readme:
-        update_readme(args.readme, readme_section(Path(args.results).as_posix(), rows))
+        figures = experiment_figures(Path(args.readme).parent)
+        update_readme(args.readme, readme_section(Path(args.results).as_posix(), rows, figures))
         print(f"wrote the claims section of {args.readme}")
     else:
         print(claims_table(rows), end="")

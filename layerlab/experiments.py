@@ -31,7 +31,7 @@ from layerlab.methods import METHODS, build_method
 from layerlab.methods.cure import CODE_ARGS, TABLE7_ABLATION
 from layerlab.methods.perturbation import C_MIN, RWP_CMIN_SWEEP, RWP_K2_SWEEP
 from layerlab.plots.experiments import plot_curves_and_removal, plot_epoch_curves, plot_group_bars, plot_sweep
-from layerlab.train import train
+from layerlab.train import nrr, train
 
 SEEDS = (0, 1, 2)
 # Every finished run of an experiment is evaluated on the first EVAL_N test images. The robust number a claim
@@ -521,10 +521,26 @@ def status_lines(name: str | Experiment, root: str | Path) -> list[str]:
 
 SUMMARY_COLUMNS = ("last_natural", "last_robust", "last_worst", "last_aa", "best_natural", "best_robust",
                    "best_worst", "best_minus_last_robust", "best_minus_last_worst", "train_adv_acc_last")
+# NRR metrics computed per run from two of its columns: (natural, robust)
+NRR_METRICS = {"last_nrr": ("last_natural", "last_robust"), "best_nrr": ("best_natural", "best_robust"),
+               "last_worst_nrr": ("last_natural", "last_worst"), "best_worst_nrr": ("best_natural", "best_worst")}
+# the per-epoch columns of ``metrics.jsonl`` the experiments' figures read, beside each row's run, group and seed
+CURVE_COLUMNS = ("epoch", "robust_acc", "train_acc", "removal_rate")
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    """A run row's value of ``metric`` (None when it has none); NRR metrics (:data:`NRR_METRICS`) are computed
+    from the row's accuracies. Rows read back from CSV files hold empty strings for missing values."""
+    if metric in NRR_METRICS:
+        nat, rob = (row.get(c) for c in NRR_METRICS[metric])
+        return None if nat in (None, "") or rob in (None, "") else nrr(float(nat), float(rob))
+    value = row.get(metric)
+    return None if value in (None, "") else float(value)
 
 
 def summarize(name: str, root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-run rows and per-group rows (mean, sample std and n over seeds) of experiment ``name``'s finished runs."""
+    """Per-run rows and per-group rows (mean, sample std and n over seeds of :data:`SUMMARY_COLUMNS` and the NRR
+    metrics) of experiment ``name``'s finished runs."""
     import statistics
 
     root = Path(root)
@@ -535,8 +551,8 @@ def summarize(name: str, root: str | Path) -> tuple[list[dict[str, Any]], list[d
     table = []
     for group, members in groups.items():
         out: dict[str, Any] = {"group": group, "n_seeds": len(members), "seeds": " ".join(str(m["seed"]) for m in members)}
-        for col in SUMMARY_COLUMNS:
-            values = [m[col] for m in members if m[col] is not None]
+        for col in (*SUMMARY_COLUMNS, *NRR_METRICS):
+            values = [v for m in members if (v := metric_value(m, col)) is not None]
             out[f"{col}_mean"] = round(statistics.fmean(values), 2) if values else None
             out[f"{col}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
         out["hours"] = round(sum(m["hours"] for m in members), 2)
@@ -544,30 +560,37 @@ def summarize(name: str, root: str | Path) -> tuple[list[dict[str, Any]], list[d
     return rows, table
 
 
-def write_summary_csv(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
-    """``OUT/NAME-runs.csv`` and ``OUT/NAME.csv`` (see :func:`summarize`)."""
-    import csv
-
-    rows, table = summarize(name, root)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for path, data in ((out_dir / f"{name}-runs.csv", rows), (out_dir / f"{name}.csv", table)):
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(data[0]) if data else ["run"])
-            writer.writeheader()
-            writer.writerows(data)
-        paths.append(path)
-    return paths
-
-
 def curves(name: str, root: str | Path) -> pd.DataFrame:
-    """Every finished run's per-epoch ``metrics.jsonl`` rows of experiment ``name``, with its group and seed."""
+    """Every finished run's per-epoch rows of experiment ``name`` (:data:`CURVE_COLUMNS` of its
+    ``metrics.jsonl``), with its run, group and seed."""
     root = Path(root)
     rows = [{"run": spec.name, "group": group_of(spec.name), "seed": seed_of(spec.name), **row}
             for spec in experiment(name).specs if finished(root / spec.name)
             for row in runs.read_jsonl(root / spec.name / "metrics.jsonl")]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["run", "group", "seed", *CURVE_COLUMNS])
+
+
+def store_paths(name: str, store: str | Path) -> tuple[Path, Path, Path]:
+    """Experiment ``name``'s files in the results store ``store``: per-run rows, per-group rows, per-epoch rows."""
+    store = Path(store)
+    return store / f"{name}-runs.csv", store / f"{name}.csv", store / f"{name}-curves.csv"
+
+
+def write_summary_csv(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
+    """Experiment ``name``'s results store in ``OUT`` (:func:`store_paths`): ``NAME-runs.csv`` and ``NAME.csv``
+    (see :func:`summarize`) and ``NAME-curves.csv`` (see :func:`curves`), all its figures draw."""
+    import csv
+
+    rows, table = summarize(name, root)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    runs_csv, table_csv, curves_csv = store_paths(name, out_dir)
+    for path, data in ((runs_csv, rows), (table_csv, table)):
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(data[0]) if data else ["run"])
+            writer.writeheader()
+            writer.writerows(data)
+    curves(name, root).to_csv(curves_csv, index=False)
+    return [runs_csv, table_csv, curves_csv]
 
 
 def group_hparams(name: str) -> dict[str, dict[str, Any]]:
@@ -590,6 +613,21 @@ def _awp_gamma_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[P
 
 def _bars(file: str, metrics: tuple[str, ...], title: str) -> Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]:
     return lambda table, _, out: [plot_group_bars(table, metrics, out / file, title=title)]
+
+
+def _cure_decision_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
+    """Natural, PGD-20 and worst-case accuracy and the worst-case NRR the claims compare, last checkpoint."""
+    return [plot_group_bars(table, (*TRADEOFF, "last_worst_nrr"), out / "cure_decision_last.png",
+                            title=experiment("cure-decision").question, ylabel="test accuracy, NRR (%)")]
+
+
+def _freeze_variants_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
+    """Every U-spec as the paper's text reads it and, hatched, as the released code runs it (``U-SPEC-code``)."""
+    code = [group_of(s.name) for s in experiment("freeze-variants").specs
+            if s.changes.items() >= CODE_FREEZE.items()]
+    return [plot_group_bars(table, TRADEOFF, out / "freeze_variants_last.png",
+                            title=experiment("freeze-variants").question, hatched=code,
+                            hatch_label="released code: stem trained, frozen statistics adapting")]
 
 
 def _removal_figure(table: pd.DataFrame, curves_: pd.DataFrame, out: Path) -> list[Path]:
@@ -626,6 +664,8 @@ def _rwp_sweep_figures(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[
 
 # experiment -> what its figures are drawn with: (summary table, per-epoch curves, output folder) -> files
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]] = {
+    "cure-decision": _cure_decision_figure,
+    "freeze-variants": _freeze_variants_figure,
     "robust-overfitting": _overfitting_figures,
     "rwp-sweeps": _rwp_sweep_figures,
     "awp-gamma": _awp_gamma_figure,
@@ -638,20 +678,20 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame, Path], list[Path]]] = {
 }
 
 
-def write_figures(name: str, root: str | Path, out_dir: str | Path) -> list[Path]:
-    """The summary CSVs (:func:`write_summary_csv`), ``NAME-curves.csv`` and experiment ``name``'s figures."""
+def write_figures(name: str, store: str | Path, out_dir: str | Path) -> list[Path]:
+    """Experiment ``name``'s figures (PNG files in ``OUT/NAME/``), drawn from its results store ``store`` alone:
+    ``NAME.csv`` and ``NAME-curves.csv``, as :func:`write_summary_csv` writes them."""
     if name not in FIGURES:
-        raise ValueError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
-    if not any(finished(Path(root) / s.name) for s in experiment(name).specs):
-        raise ValueError(f"experiment {name!r} has no finished run under {root}; train it first "
-                         f"(python -m layerlab.experiments run {name} --runs {root})")
-    out_dir = Path(out_dir)
-    paths = write_summary_csv(name, root, out_dir)
-    table = pd.read_csv(paths[1])
-    per_epoch = curves(name, root)
-    paths.append(out_dir / f"{name}-curves.csv")
-    per_epoch.to_csv(paths[-1], index=False)
-    return paths + FIGURES[name](table, per_epoch, out_dir)
+        raise RefusedError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
+    _, table_csv, curves_csv = store_paths(name, store)
+    for path in (table_csv, curves_csv):
+        if not path.exists():
+            raise RefusedError(f"{path} does not exist; write it first "
+                               f"(python -m layerlab.experiments summarize {name} --runs RUN_ROOT --out {store})")
+    table = pd.read_csv(table_csv)
+    if "group" not in table or table.empty:
+        raise RefusedError(f"{table_csv} has no finished run; train and summarize {name} first")
+    return FIGURES[name](table, pd.read_csv(curves_csv), Path(out_dir) / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -678,14 +718,19 @@ def main(argv: list[str] | None = None) -> int:
     summ = sub.add_parser("summarize", help="per-run and per-group (mean, std over seeds) CSVs of the finished runs")
     summ.add_argument("name", choices=sorted(EXPERIMENTS))
     summ.add_argument("--runs", required=True, help="run root")
-    summ.add_argument("--out", required=True, help="directory for NAME.csv and NAME-runs.csv")
-    figs = sub.add_parser("figures", help="summary CSVs, per-epoch curves and the figures (error bars over seeds)")
+    summ.add_argument("--out", required=True, help="the results store: NAME-runs.csv, NAME.csv, NAME-curves.csv")
+    figs = sub.add_parser("figures", help="the experiment's figures from its results store (error bars over seeds)")
     figs.add_argument("name", choices=sorted(FIGURES))
-    figs.add_argument("--runs", required=True, help="run root")
-    figs.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
+    figs.add_argument("--store", required=True, help="the results store summarize wrote (e.g. results/experiments)")
+    figs.add_argument("--out", required=True, help="PNGs go to OUT/NAME/ (e.g. figures/experiments)")
     args = parser.parse_args(argv)
     if args.command == "figures":
-        for path in write_figures(args.name, args.runs, args.out):
+        try:
+            paths = write_figures(args.name, args.store, args.out)
+        except RefusedError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for path in paths:
             print(path)
         return 0
     if args.command == "summarize":

@@ -7,17 +7,20 @@ The inputs are the experiments' own tables: the per-group summary (``NAME.csv``:
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
 from layerlab.plots.style import new_figure, save
 
 LABELS = {"best_robust": "PGD-20, best checkpoint", "last_robust": "PGD-20, last checkpoint",
           "best_worst": "worst case, best checkpoint", "last_worst": "worst case, last checkpoint",
-          "best_natural": "natural, best checkpoint", "last_natural": "natural, last checkpoint"}
+          "best_natural": "natural, best checkpoint", "last_natural": "natural, last checkpoint",
+          "last_nrr": "NRR (PGD-20), last checkpoint", "last_worst_nrr": "NRR (worst case), last checkpoint"}
 
 
 def present(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
@@ -48,24 +51,34 @@ def plot_sweep(table: pd.DataFrame, x: str, metrics: Sequence[str], path: str | 
     return save(fig, path)
 
 
-def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax) -> None:
-    """Grouped bars (one group of bars per experiment group) with standard-deviation error bars."""
+def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax, *, ylabel: str = "test accuracy (%)",
+                    hatched: Sequence[str] = (), hatch_label: str = "") -> None:
+    """Grouped bars (one group of bars per experiment group) with standard-deviation error bars; the bars of the
+    ``hatched`` groups are hatched, and ``hatch_label`` says in the legend what that marks."""
     metrics = present(table, metrics)
     x = np.arange(len(table))
     width = 0.8 / max(1, len(metrics))
+    marked = [g in hatched for g in table["group"]]
     for k, metric in enumerate(metrics):
-        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, table[f"{metric}_mean"], width=width,
-               yerr=table[f"{metric}_std"].fillna(0.0), capsize=3, label=LABELS.get(metric, metric))
+        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, table[f"{metric}_mean"], width=width,
+                      yerr=table[f"{metric}_std"].fillna(0.0), capsize=3, label=LABELS.get(metric, metric))
+        for bar, mark in zip(bars, marked):
+            bar.set_hatch("//" if mark else None)
     ax.set_xticks(x)
     ax.set_xticklabels(table["group"], rotation=30, ha="right")
-    ax.set(ylabel="test accuracy (%)")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set(ylabel=ylabel)
+    handles, _ = ax.get_legend_handles_labels()
+    if any(marked):
+        handles.append(Patch(facecolor="none", edgecolor="grey", hatch="//", label=hatch_label))
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
-def plot_group_bars(table: pd.DataFrame, metrics: Sequence[str], path: str | Path, *, title: str) -> Path:
+def plot_group_bars(table: pd.DataFrame, metrics: Sequence[str], path: str | Path, *, title: str,
+                    ylabel: str = "test accuracy (%)", hatched: Sequence[str] = (), hatch_label: str = "") -> Path:
+    """:func:`draw_group_bars` under ``title`` (wrapped), with the seed counts."""
     fig, axes = new_figure(width=max(5.0, 0.9 * len(table) + 2.0))
-    draw_group_bars(table, metrics, axes[0, 0])
-    axes[0, 0].set_title(f"{title}\n({_seeds_note(table)})", fontsize="medium")
+    draw_group_bars(table, metrics, axes[0, 0], ylabel=ylabel, hatched=hatched, hatch_label=hatch_label)
+    axes[0, 0].set_title(f"{textwrap.fill(title, 70)}\n({_seeds_note(table)})", fontsize="medium")
     return save(fig, path)
 
 
