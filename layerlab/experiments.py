@@ -623,8 +623,8 @@ def _cure_decision_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> li
 
 def _freeze_variants_figure(table: pd.DataFrame, _: pd.DataFrame, out: Path) -> list[Path]:
     """Every U-spec as the paper's text reads it and, hatched, as the released code runs it (``U-SPEC-code``)."""
-    code = [group_of(s.name) for s in experiment("freeze-variants").specs
-            if s.changes.items() >= CODE_FREEZE.items()]
+    code = list(dict.fromkeys(group_of(s.name) for s in experiment("freeze-variants").specs
+                              if s.changes.items() >= CODE_FREEZE.items()))
     return [plot_group_bars(table, TRADEOFF, out / "freeze_variants_last.png",
                             title=experiment("freeze-variants").question, hatched=code,
                             hatch_label="released code: stem trained, frozen statistics adapting")]

@@ -16,6 +16,8 @@ from layerlab.claims import (
     Estimate,
     claims_table,
     estimate,
+    experiment_figures,
+    main,
     read_rows,
     readme_section,
     update_readme,
@@ -102,9 +104,35 @@ def test_the_committed_claims_table_is_the_one_the_committed_results_give() -> N
     text = (root / "figures" / "README.md").read_text()
     committed = text[text.index(BEGIN): text.index(END) + len(END)]
     rows = read_rows(sorted((root / "results" / "experiments").glob("*-runs.csv")))
-    assert committed == readme_section("results/experiments", rows), (
+    figures = experiment_figures(root / "figures")
+    assert committed == readme_section("results/experiments", rows, figures), (
         "figures/README.md's claims are stale: python -m layerlab.claims results/experiments --readme figures/README.md")
     assert len(CLAIMS) == committed.count("| **")
+
+
+def test_the_claims_section_links_the_experiment_figures_drawn_from_the_store(tmp_path, capsys) -> None:
+    from layerlab import experiments
+
+    store, figures = tmp_path / "store", tmp_path / "figures"
+    store.mkdir()
+    (store / "cure-decision.csv").write_text("group,n_seeds,last_natural_mean,last_natural_std\nCURE,3,60,1\n")
+    (store / "cure-decision-curves.csv").write_text("run,group,seed,epoch\n")
+    (store / "cure-decision-runs.csv").write_text("run,group,seed,last_natural\nCURE,CURE,0,60\n")
+    (figures / "experiments" / "not-an-experiment").mkdir(parents=True)
+    (figures / "experiments" / "not-an-experiment" / "x.png").write_bytes(b"")
+    (figures / "README.md").write_text("# gallery\n\nintro\n\n## group 1\n")
+    assert main([str(store), "--readme", str(figures / "README.md")]) == 0
+    assert "Figures of the experiments" not in (figures / "README.md").read_text()  # none drawn yet
+    assert experiments.main(["figures", "cure-decision", "--store", str(store), "--out", str(figures / "experiments")]) == 0
+    assert experiment_figures(figures) == {"cure-decision": ["experiments/cure-decision/cure_decision_last.png"]}
+    assert main([str(store), "--readme", str(figures / "README.md")]) == 0
+    text = (figures / "README.md").read_text()
+    line = ("- `cure-decision`: [cure_decision_last.png](experiments/cure-decision/cure_decision_last.png) "
+            f"(`python -m layerlab.experiments figures cure-decision --store {store.as_posix()} --out figures/experiments`)")
+    assert text.index("| **") < text.index(line) < text.index(END) < text.index("## group 1")
+    rows = read_rows([store / "cure-decision-runs.csv"])
+    assert text[text.index(BEGIN): text.index(END) + len(END)] == readme_section(store.as_posix(), rows,
+                                                                              experiment_figures(figures))
 
 
 def test_rewriting_the_gallery_readme_keeps_the_claims_section(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from layerlab import experiments as ex
 from layerlab import runs
 from layerlab.methods import Method, build_method
 from layerlab.records import export_records, restore_records
+from layerlab.train import nrr
 
 
 def test_run_names_carry_their_seed() -> None:
@@ -85,8 +87,11 @@ def test_runs_train_after_what_they_start_from_and_summarize_over_seeds(tmp_path
     values = [r["last_robust"] for r in rows if r["group"] == "AT-fromST"]
     assert at["n_seeds"] == 2 and at["seeds"] == "0 1"
     assert at["last_robust_mean"] == pytest.approx(sum(values) / 2, abs=0.01)
+    assert at["last_nrr_mean"] == pytest.approx(sum(nrr(r["last_natural"], r["last_robust"]) for r in rows
+                                                   if r["group"] == "AT-fromST") / 2, abs=0.01)
     paths = ex.write_summary_csv("tiny", root, tmp_path / "out")
-    assert [p.name for p in paths] == ["tiny-runs.csv", "tiny.csv"] and "AT-fromST-s1" in paths[0].read_text()
+    assert [p.name for p in paths] == ["tiny-runs.csv", "tiny.csv", "tiny-curves.csv"]
+    assert "AT-fromST-s1" in paths[0].read_text()
 
 
 def test_a_recorded_dependency_is_retrained_before_its_dependents(tmp_path, tiny_experiment) -> None:
@@ -149,29 +154,66 @@ def test_status_tells_what_is_left_and_refuses_a_missing_root(tmp_path, tiny_exp
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_figures_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch, tiny_cfg) -> None:
+def test_figures_redraw_from_the_store_alone_and_carry_every_seed_and_the_removal_rate(tmp_path, monkeypatch,
+                                                                                       tiny_cfg, capsys) -> None:
     exp = ex.Experiment("lsc-removal", "test", "smoke", tuple(ex.seed_major(
         [ex.seeded("AT", seeds=(0, 1), method="at"),
          ex.seeded("AT-remove", seeds=(0, 1), method="at-remove", method_args={"c_min": 1.0})])))
     monkeypatch.setitem(ex.EXPERIMENTS, "lsc-removal", exp)
     monkeypatch.setattr(ex, "base_config", lambda profile: tiny_cfg(epochs=2))
-    root = tmp_path / "root"
+    root, store, out = tmp_path / "root", tmp_path / "store", tmp_path / "figures"
     ex.run_experiment("lsc-removal", root, log=lambda _: None)
-    paths = ex.write_figures("lsc-removal", root, tmp_path / "out")
-    assert {p.name for p in paths} == {"lsc-removal-runs.csv", "lsc-removal.csv", "lsc-removal-curves.csv",
-                                       "rwp_appendix_removal_curves.png", "rwp_appendix_removal_best_last.png"}
-    assert all(p.stat().st_size > 0 for p in paths)
-    curves = pd.read_csv(tmp_path / "out" / "lsc-removal-curves.csv")
+    ex.main(["summarize", "lsc-removal", "--runs", str(root), "--out", str(store)])
+    assert sorted(capsys.readouterr().out.split()) == [str(store / f"lsc-removal{s}.csv") for s in ("-curves", "-runs", "")]
+    shutil.rmtree(root)  # the figures read the store alone
+    curves = pd.read_csv(store / "lsc-removal-curves.csv")
+    assert list(curves.columns) == ["run", "group", "seed", *ex.CURVE_COLUMNS]
     assert len(curves) == 4 * 2 and set(curves["seed"]) == {0, 1}
     removal = curves.groupby("group")["removal_rate"].apply(lambda s: s.notna().all())
     assert removal["AT-remove"] and not curves.loc[curves["group"] == "AT", "removal_rate"].notna().any()
-    table = pd.read_csv(tmp_path / "out" / "lsc-removal.csv")
-    assert set(table["n_seeds"]) == {2}
-    with pytest.raises(ValueError, match="draws no figures"):
-        ex.write_figures("overfit-pilot", root, tmp_path / "out")
-    with pytest.raises(ValueError, match="no finished run"):
-        ex.write_figures("lsc-removal", tmp_path / "empty", tmp_path / "nothing")
+    assert set(pd.read_csv(store / "lsc-removal.csv")["n_seeds"]) == {2}
+    assert ex.main(["figures", "lsc-removal", "--store", str(store), "--out", str(out)]) == 0
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["lsc-removal/rwp_appendix_removal_best_last.png", "lsc-removal/rwp_appendix_removal_curves.png"]
+    assert sorted(capsys.readouterr().out.split()) == [str(out / f) for f in files]
+    with pytest.raises(ex.RefusedError, match="draws no figures"):
+        ex.write_figures("overfit-pilot", store, out)
+    (store / "lsc-removal-curves.csv").unlink()
+    assert ex.main(["figures", "lsc-removal", "--store", str(store), "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lsc-removal-curves.csv does not exist" in err
+    assert f"python -m layerlab.experiments summarize lsc-removal --runs RUN_ROOT --out {store}" in err
     assert not (tmp_path / "nothing").exists()
+
+
+def _store_table(name: str, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """A synthetic summary of experiment ``name``: every group, 3 seeds, distinct means of ``metrics``."""
+    groups = list(dict.fromkeys(ex.group_of(s.name) for s in ex.experiment(name).specs))
+    return pd.DataFrame({"group": groups, "n_seeds": 3,
+                         **{f"{m}_{stat}": [10.0 + k + i for i in range(len(groups))]
+                            for k, m in enumerate(metrics) for stat in ("mean", "std")}})
+
+
+def test_the_decision_figures_show_every_group_nrr_and_the_released_code_variants(tmp_path, monkeypatch) -> None:
+    drawn = {}
+    original = ex.plot_group_bars
+
+    def spy(frame, metrics, path, **kw):
+        drawn[path.name] = (list(frame["group"]), metrics, kw)
+        return original(frame, metrics, path, **kw)
+
+    monkeypatch.setattr(ex, "plot_group_bars", spy)
+    decision = _store_table("cure-decision", (*ex.TRADEOFF, "last_worst_nrr"))
+    [png] = ex.FIGURES["cure-decision"](decision, pd.DataFrame(), tmp_path)
+    groups, metrics, kw = drawn[png.name]
+    assert png.exists() and groups == list(decision["group"]) and "last_worst_nrr" in metrics
+    assert kw["title"] == ex.experiment("cure-decision").question
+    freeze = _store_table("freeze-variants", ex.TRADEOFF)
+    [png] = ex.FIGURES["freeze-variants"](freeze, pd.DataFrame(), tmp_path)
+    groups, metrics, kw = drawn[png.name]
+    assert png.exists() and metrics == ex.TRADEOFF
+    assert kw["hatched"] == [f"U-{spec}-code" for spec in ex.FREEZE_SPECS]
+    assert {f"U-{spec}" for spec in ex.FREEZE_SPECS} | {"AT"} <= set(groups) - set(kw["hatched"])
 
 
 def test_the_awp_gamma_figure_puts_each_group_at_its_gamma(tmp_path, monkeypatch) -> None:
