@@ -684,13 +684,13 @@ def write_figures(name: str, store: str | Path, out_dir: str | Path) -> list[Pat
     if name not in FIGURES:
         raise RefusedError(f"experiment {name!r} draws no figures; these do: {sorted(FIGURES)}")
     _, table_csv, curves_csv = store_paths(name, store)
+    summarize_first = f"(python -m layerlab.experiments summarize {name} --runs RUN_ROOT --out {store})"
     for path in (table_csv, curves_csv):
         if not path.exists():
-            raise RefusedError(f"{path} does not exist; write it first "
-                               f"(python -m layerlab.experiments summarize {name} --runs RUN_ROOT --out {store})")
+            raise RefusedError(f"{path} does not exist; write it first {summarize_first}")
     table = pd.read_csv(table_csv)
     if "group" not in table or table.empty:
-        raise RefusedError(f"{table_csv} has no finished run; train and summarize {name} first")
+        raise RefusedError(f"{table_csv} has no finished run; summarize {name} after one finished {summarize_first}")
     return FIGURES[name](table, pd.read_csv(curves_csv), Path(out_dir) / name)
 
 

@@ -123,12 +123,14 @@ def test_the_claims_section_links_the_experiment_figures_drawn_from_the_store(tm
     (figures / "README.md").write_text("# gallery\n\nintro\n\n## group 1\n")
     assert main([str(store), "--readme", str(figures / "README.md")]) == 0
     assert "Figures of the experiments" not in (figures / "README.md").read_text()  # none drawn yet
-    assert experiments.main(["figures", "cure-decision", "--store", str(store), "--out", str(figures / "experiments")]) == 0
+    out = figures / "experiments"
+    assert experiments.main(["figures", "cure-decision", "--store", str(store), "--out", str(out)]) == 0
     assert experiment_figures(figures) == {"cure-decision": ["experiments/cure-decision/cure_decision_last.png"]}
     assert main([str(store), "--readme", str(figures / "README.md")]) == 0
     text = (figures / "README.md").read_text()
     line = ("- `cure-decision`: [cure_decision_last.png](experiments/cure-decision/cure_decision_last.png) "
-            f"(`python -m layerlab.experiments figures cure-decision --store {store.as_posix()} --out figures/experiments`)")
+            f"(`python -m layerlab.experiments figures cure-decision --store {store.as_posix()} "
+            "--out figures/experiments`)")
     assert text.index("| **") < text.index(line) < text.index(END) < text.index("## group 1")
     rows = read_rows([store / "cure-decision-runs.csv"])
     assert text[text.index(BEGIN): text.index(END) + len(END)] == readme_section(store.as_posix(), rows,

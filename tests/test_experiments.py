@@ -164,7 +164,8 @@ def test_figures_redraw_from_the_store_alone_and_carry_every_seed_and_the_remova
     root, store, out = tmp_path / "root", tmp_path / "store", tmp_path / "figures"
     ex.run_experiment("lsc-removal", root, log=lambda _: None)
     ex.main(["summarize", "lsc-removal", "--runs", str(root), "--out", str(store)])
-    assert sorted(capsys.readouterr().out.split()) == [str(store / f"lsc-removal{s}.csv") for s in ("-curves", "-runs", "")]
+    written = sorted(capsys.readouterr().out.split())
+    assert written == [str(store / f"lsc-removal{suffix}.csv") for suffix in ("-curves", "-runs", "")]
     shutil.rmtree(root)  # the figures read the store alone
     curves = pd.read_csv(store / "lsc-removal-curves.csv")
     assert list(curves.columns) == ["run", "group", "seed", *ex.CURVE_COLUMNS]
@@ -184,6 +185,9 @@ def test_figures_redraw_from_the_store_alone_and_carry_every_seed_and_the_remova
     assert err.count("\n") == 1 and "lsc-removal-curves.csv does not exist" in err
     assert f"python -m layerlab.experiments summarize lsc-removal --runs RUN_ROOT --out {store}" in err
     assert not (tmp_path / "nothing").exists()
+    ex.write_summary_csv("lsc-removal", tmp_path / "untrained", tmp_path / "empty")  # no run finished yet
+    with pytest.raises(ex.RefusedError, match="has no finished run"):
+        ex.write_figures("lsc-removal", tmp_path / "empty", tmp_path / "nothing")
 
 
 def _store_table(name: str, metrics: tuple[str, ...]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ LABELS = {"best_robust": "PGD-20, best checkpoint", "last_robust": "PGD-20, last
           "best_worst": "worst case, best checkpoint", "last_worst": "worst case, last checkpoint",
           "best_natural": "natural, best checkpoint", "last_natural": "natural, last checkpoint",
           "last_nrr": "NRR (PGD-20), last checkpoint", "last_worst_nrr": "NRR (worst case), last checkpoint"}
+ACCURACY = "test accuracy (%)"
 
 
 def present(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
@@ -39,7 +40,7 @@ def draw_sweep(table: pd.DataFrame, x: str, metrics: Sequence[str], ax, xlabel: 
     for metric in present(part, metrics):
         ax.errorbar(part[x], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0.0), marker="o", capsize=3,
                     label=LABELS.get(metric, metric))
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    ax.set(xlabel=xlabel, ylabel=ACCURACY)
     ax.legend(fontsize="small", loc="best")
 
 
@@ -51,7 +52,7 @@ def plot_sweep(table: pd.DataFrame, x: str, metrics: Sequence[str], path: str | 
     return save(fig, path)
 
 
-def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax, *, ylabel: str = "test accuracy (%)",
+def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax, *, ylabel: str = ACCURACY,
                     hatched: Sequence[str] = (), hatch_label: str = "") -> None:
     """Grouped bars (one group of bars per experiment group) with standard-deviation error bars; the bars of the
     ``hatched`` groups are hatched, and ``hatch_label`` says in the legend what that marks."""
@@ -74,7 +75,7 @@ def draw_group_bars(table: pd.DataFrame, metrics: Sequence[str], ax, *, ylabel: 
 
 
 def plot_group_bars(table: pd.DataFrame, metrics: Sequence[str], path: str | Path, *, title: str,
-                    ylabel: str = "test accuracy (%)", hatched: Sequence[str] = (), hatch_label: str = "") -> Path:
+                    ylabel: str = ACCURACY, hatched: Sequence[str] = (), hatch_label: str = "") -> Path:
     """:func:`draw_group_bars` under ``title`` (wrapped), with the seed counts."""
     fig, axes = new_figure(width=max(5.0, 0.9 * len(table) + 2.0))
     draw_group_bars(table, metrics, axes[0, 0], ylabel=ylabel, hatched=hatched, hatch_label=hatch_label)
