@@ -300,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m layerlab.claims", description=main.__doc__)
     parser.add_argument("results", help="directory of NAME-runs.csv files (e.g. results/experiments)")
-    parser.add_argument("--readme", default=None, help="write the table into this README's claims section")
+    parser.add_argument("--readme", default=None, help="write the table into this README's claims section, "
+                        f"with links to the experiment figures in {FIGURES_DIR}/ beside it")
     args = parser.parse_args(argv)
     rows = read_rows(sorted(Path(args.results).glob("*-runs.csv")))
     if args.readme:
