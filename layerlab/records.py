@@ -131,7 +131,8 @@ def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] 
     """Lay the records in ``src`` (only the runs ``names``, when given) into ``run_root`` where the run is absent
     (a run directory that exists, finished or interrupted, is never touched). A record that started from an
     earlier training of a run than the one in ``run_root`` (:func:`layerlab.runs.init_changed`) is left out,
-    and said. Returns the restored run names."""
+    and said; so is a record that does not say which training it started from, unless the run it started from
+    is restored with it. Returns the restored run names."""
     src, run_root = Path(src), Path(run_root)
     if not src.is_dir():
         return []
@@ -152,6 +153,13 @@ def restore_records(src: str | Path, run_root: str | Path, names: Iterable[str] 
             if log:
                 log(f"not restoring {rec.name}: it started from an earlier training of {init} than the one in "
                     f"{run_root}")
+            continue
+        if (init is not None and "init_identity" not in runs.read_json(rec / "config.json")
+                and (run_root / init).exists() and init not in restored):
+            # it does not say which training of its init it started from: only beside the one restored with it
+            if log:
+                log(f"not restoring {rec.name}: it does not record which training of {init} it started from, and "
+                    f"{run_root} holds a {init} of its own")
             continue
         copy_results(rec, target, (ROOT_TOKEN, str(run_root.resolve())))
         runs.write_json(target / MARKER, {"restored_from": str(rec.resolve()),

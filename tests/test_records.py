@@ -231,6 +231,13 @@ def test_a_run_started_from_a_run_trained_again_since_is_told_apart(tmp_path, st
     assert snapshot_files(fresh) == before and said and "U-2" in said[0]
     # beside the ST it started from, it is restored
     assert restore_records(tmp_path / "records", tmp_path / "empty", log=None) == ["ST", "U-2"]
+    # a record that does not say which training of ST it started from: only restored together with its ST
+    saved = runs.read_json(tmp_path / "records" / "U-2" / "config.json")
+    del saved["init_identity"]
+    runs.write_json(tmp_path / "records" / "U-2" / "config.json", saved)
+    said.clear()
+    assert restore_records(tmp_path / "records", fresh, log=said.append) == [] and "does not record" in said[0]
+    assert restore_records(tmp_path / "records", tmp_path / "empty2", log=None) == ["ST", "U-2"]
 
 
 def test_a_record_reached_through_a_link_is_retrained_and_locked_where_it_is(recorded, tmp_path):
