@@ -148,3 +148,12 @@ def test_the_gallery_evaluates_the_profiles_checkpoint_into_its_own_file(tmp_pat
     assert report["checkpoint"] == "last" and report["n"] == 8 and set(report["results"]) == {"natural", "pgd3"}
     assert runs.read_json(run / "eval-last.json") == report and not (run / "eval.json").exists()
     assert evaluated(ctx, run, ["natural"]) == report  # nothing missing: nothing run again
+
+
+def test_a_remade_group_drops_the_figures_it_no_longer_draws(tmp_path):
+    from layerlab.gallery.manifest import drop_leftover_figures
+
+    for name in ("kept.png", "renamed_since.png", "table.csv"):
+        (tmp_path / name).write_text("x")
+    assert drop_leftover_figures(tmp_path, {"fig": tmp_path / "kept.png"}) == ["renamed_since.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.png", "table.csv"]

@@ -75,10 +75,21 @@ def make(key: str, profile: str = "tiny", run_root: str | Path = RUN_ROOT, figur
     ctx = context(profile, run_root, figures_dir, data_dir, progress)
     with reading(ctx.root) as read:
         paths = DRAW[group.key](ctx)
+    drop_leftover_figures(ctx.group_dir(group), paths)
     if records is not None:
         export_records(ctx.root, records)
     write_manifest(ctx, group, paths, read, records)
     return paths
+
+
+def drop_leftover_figures(group_dir: Path, paths: PathMap) -> list[str]:
+    """Delete the PNGs in ``group_dir`` that this drawing of the group did not write (figures an earlier
+    definition of the group drew under other names), so the folder shows only what its manifest describes."""
+    drawn = {Path(p).resolve() for p in paths.values()}
+    dropped = sorted(p.name for p in Path(group_dir).glob("*.png") if p.resolve() not in drawn)
+    for name in dropped:
+        (Path(group_dir) / name).unlink()
+    return dropped
 
 
 def redraw(key: str, figures_dir: str | Path = FIGURES_DIR, data_dir: str | None = None, *,
