@@ -195,3 +195,20 @@ def test_every_group_drawn_by_an_earlier_definition_is_listed_as_pending_or_stal
         return figure_group(folder).key not in regime_groups or any(OVERFIT_TAG in r for r in read)
 
     assert {g for g in COMMITTED if not current(g)} == PENDING | STALE
+
+
+def test_verify_ignores_the_cost_ledger_a_group_read(tmp_path):
+    from layerlab.gallery.manifest import _group_problems
+    from layerlab.records import record_hash
+
+    (tmp_path / "AT").mkdir()
+    reads = []
+    for name in ("summary.json", "costs.jsonl"):
+        (tmp_path / "AT" / name).write_text("{}\n")
+        reads.append({"path": f"AT/{name}", "sha256": record_hash(b"{}\n")})
+    manifest = {"group": "01_x", "key": "x", "store": ".", "reads": reads}
+    assert _group_problems(manifest, tmp_path) == []
+    (tmp_path / "AT" / "costs.jsonl").write_text('{}\n{"what": "cka"}\n')  # another analysis ran: no figure changed
+    assert _group_problems(manifest, tmp_path) == []
+    (tmp_path / "AT" / "summary.json").write_text('{"natural_acc": 1}\n')
+    assert len(_group_problems(manifest, tmp_path)) == 1

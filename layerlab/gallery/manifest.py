@@ -302,7 +302,7 @@ def _note_read(event: str, args: tuple[Any, ...]) -> None:
             return
         root, seen = current
         rel = Path(os.fsdecode(path)).resolve().relative_to(root)
-        if len(rel.parts) == 2 and rel.suffix in COPIED_SUFFIXES and rel.name != MARKER:
+        if len(rel.parts) == 2 and rel.suffix in COPIED_SUFFIXES and rel.name not in (MARKER, runs.COSTS):
             seen.add((rel.parts[0], rel.parts[1]))
     except Exception:  # noqa: BLE001 - a path outside the root, or odd arguments: not a result file read
         return
@@ -438,7 +438,8 @@ def _group_problems(m: dict[str, Any], base: Path) -> list[str]:
     if not m.get("store"):
         return [f"{group}: drawn from a run root, not from records; re-make the group with --records DIR"]
     problems = []
-    for r in m["reads"]:
+    # the cost ledger grows with every analysis of a run: the cost account reads it, no figure does
+    for r in (r for r in m["reads"] if Path(r["path"]).name != runs.COSTS):
         path = base / r["path"]
         if not path.is_file():
             problems.append(f"{group}: read {r['path']}, which the records do not hold; re-make the group")
