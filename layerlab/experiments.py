@@ -419,8 +419,10 @@ def run_experiment(name: str, root: str | Path, *, progress: bool = False, only:
             if spec.init is not None:
                 records.materialize(root / spec.init, progress=progress, log=log)  # a record: retrain it
             resume = (run_dir / "checkpoints" / "last.pt").exists()
+            # stopped before its first epoch ended: nothing to resume and nothing of value to keep
+            restart = not resume and run_dir.exists() and not runs.read_jsonl(run_dir / "metrics.jsonl")
             log(f"[{name}] {'resuming' if resume else 'training'} {spec.name}")
-            train(spec.config(base, root), run_dir, resume=resume, progress=progress)
+            train(spec.config(base, root), run_dir, resume=resume, overwrite=restart, progress=progress)
         except runs.RunDirBusyError:
             continue  # another process took it between the check and the lock
         trained.append(spec.name)

@@ -82,6 +82,11 @@ def test_runs_train_after_what_they_start_from_and_summarize_over_seeds(tmp_path
     cfg = runs.read_json(root / "AT-fromST-s1" / "config.json")["config"]
     assert cfg["init"] == str(root.resolve() / "ST" / "checkpoints" / "best.pt") and cfg["seed"] == 1
     assert ex.run_experiment("tiny", root, log=lambda _: None) == []  # finished runs are never retrained
+    # a run stopped before its first epoch ended (a config, no epoch): started again
+    shutil.rmtree(root / "AT-fromST-s1")
+    (root / "AT-fromST-s1" / "checkpoints").mkdir(parents=True)
+    runs.write_json(root / "AT-fromST-s1" / "config.json", {"config": {}})
+    assert ex.run_experiment("tiny", root, log=lambda _: None) == ["AT-fromST-s1"]
     rows, table = ex.summarize("tiny", root)
     at = next(t for t in table if t["group"] == "AT-fromST")
     values = [r["last_robust"] for r in rows if r["group"] == "AT-fromST"]
