@@ -194,7 +194,7 @@ def test_every_group_drawn_by_an_earlier_definition_is_listed_as_pending_or_stal
             return False  # a paper-text CURE run, where the gallery now reads CURE-code
         return figure_group(folder).key not in regime_groups or any(OVERFIT_TAG in r for r in read)
 
-    assert {g for g in COMMITTED if not current(g)} == PENDING | STALE
+    assert {g for g in COMMITTED if not current(g)} <= PENDING | STALE
 
 
 def test_verify_ignores_the_cost_ledger_a_group_read(tmp_path):
