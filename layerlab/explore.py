@@ -428,8 +428,11 @@ class FigurePanel(widgets.Box):
 class Explorer(widgets.VBox):
     """The explorer app: a VBox of controls, four figure panels, a per-epoch table and the what-if panel."""
 
-    def __init__(self, run_root: str | Path, *, select: Sequence[str] | None = None, whatif_epochs: int = 2):
+    def __init__(self, run_root: str | Path, *, select: Sequence[str] | None = None, whatif_epochs: int = 2,
+                 runs: Sequence[str] | None = None):
+        """``runs``: show only these runs of the root (by name relative to it; default: every run found)."""
         self.root = Path(run_root).expanduser().resolve()
+        self._only = None if runs is None else set(runs)
         self._updating = False
         self._cache: dict[str, tuple[tuple, RunFiles]] = {}
         self._paths: dict[str, Path] = {}
@@ -516,7 +519,7 @@ class Explorer(widgets.VBox):
 
     def rescan(self, select: Sequence[str] | None = None) -> None:
         """Find the root's runs again, keep the selection (or choose ``select``), redraw everything."""
-        self._paths = discover_runs(self.root)
+        self._paths = {k: p for k, p in discover_runs(self.root).items() if self._only is None or k in self._only}
         labels = list(self._paths)
         keep = [v for v in (select if select is not None else self.run_select.value) if v in self._paths]
         # the first AT run and the first CURE run (shortest names first: ``AT`` before ``AT-s1``), else two runs

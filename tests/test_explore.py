@@ -326,3 +326,5 @@ def test_without_a_selection_the_first_at_and_cure_runs_are_shown(root, tmp_path
         config["config"]["method"] = method
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     assert Explorer(tmp_path).run_select.value == ("AT", "CURE-code")
+    only = Explorer(tmp_path, runs=["AT", "ST"])  # a snapshot of some runs reads no other
+    assert list(only.run_select.options) == ["AT", "ST"] and only.run_select.value == ("AT",)

@@ -284,4 +284,6 @@ def explorer(ctx: Context) -> PathMap:
     for method in ("at", "cure"):
         cka_result(ctx, found[method])
         lsc_result(ctx, found[method])
-    return Explorer(ctx.root, select=[found["at"].name, found["cure"].name]).save(out)
+    # only the runs it shows: a snapshot of the whole root would read runs still training
+    return Explorer(ctx.root, select=[found["at"].name, found["cure"].name],
+                    runs=[run.name for run in found.values()]).save(out)
